@@ -1,0 +1,74 @@
+"""Write files and folders so that a crash never leaves a half-written result.
+
+Everything is first written beside its destination under a temporary name,
+then moved into place with `os.replace`, which is atomic on one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path beside `dest`; on success it replaces `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(dest: str | Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(dest: str | Path, obj: Any) -> None:
+    write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_with(dest: str | Path, writer: Callable[[Path], None]) -> None:
+    """`writer(tmp_path)` writes the file (torch.save, np.save, PIL ...)."""
+    with atomic_path(dest) as tmp:
+        writer(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `dest`; on success it replaces `dest`.
+
+    On failure the temporary folder is removed and `dest` is left as it was, so
+    a folder at `dest` is always a complete one.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

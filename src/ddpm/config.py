@@ -1,0 +1,348 @@
+"""Typed, frozen configuration: one dataclass per `params.yaml` section.
+
+`load_params()` validates the whole file once (unknown keys, types, allowed
+values, cross-section constraints) and raises `ConfigError` with the dotted
+key and what would be accepted, so a stage stops before doing any work.
+Each component is then handed only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown, of the wrong type or impossible."""
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"params.yaml: {key}: {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["kaggle", "archive", "synthetic"] = "kaggle"
+    kaggle_dataset: str = "eduardo4jesus/stanford-cars-dataset"
+    archive: Optional[str] = None  # path to a zip downloaded by hand (source: archive)
+    synthetic_count: int = 2000
+    seed: int = 0
+
+    def check(self, key: str) -> None:
+        if self.source == "archive" and not self.archive:
+            _fail(f"{key}.archive", "data.source is 'archive' but no archive path is set; "
+                  "set data.archive to the path of the downloaded zip")
+        if self.source == "kaggle" and self.kaggle_dataset.count("/") != 1:
+            _fail(f"{key}.kaggle_dataset", f"expected 'owner/dataset', got {self.kaggle_dataset!r}")
+        if self.synthetic_count < 1:
+            _fail(f"{key}.synthetic_count", f"must be >= 1, got {self.synthetic_count}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int = 64
+    resize: Literal["squash", "center_crop", "bbox_crop"] = "squash"
+    bbox_margin: float = 0.1  # fraction of the box's size added on each side (bbox_crop)
+    max_bad_fraction: float = 0.01  # more unreadable files than this fails the stage
+    workers: int = 0  # decoding processes; 0 = all CPU cores
+
+    def check(self, key: str) -> None:
+        if not 8 <= self.image_size <= 1024:
+            _fail(f"{key}.image_size", f"must be between 8 and 1024, got {self.image_size}")
+        if self.bbox_margin < 0:
+            _fail(f"{key}.bbox_margin", f"must be >= 0, got {self.bbox_margin}")
+        if not 0 <= self.max_bad_fraction < 1:
+            _fail(f"{key}.max_bad_fraction", f"must be in [0, 1), got {self.max_bad_fraction}")
+        if self.workers < 0:
+            _fail(f"{key}.workers", f"must be >= 0 (0 = all cores), got {self.workers}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    steps: int = 512
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def check(self, key: str) -> None:
+        if self.steps < 2:
+            _fail(f"{key}.steps", f"must be >= 2, got {self.steps}")
+        if not 0 < self.beta_start < 1:
+            _fail(f"{key}.beta_start", f"must be in (0, 1), got {self.beta_start}")
+        if not 0 < self.beta_end < 1:
+            _fail(f"{key}.beta_end", f"must be in (0, 1), got {self.beta_end}")
+        if self.beta_end <= self.beta_start:
+            _fail(f"{key}.beta_end", f"must be greater than beta_start ({self.beta_start}), "
+                  f"got {self.beta_end}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    channels: tuple[int, ...] = (64, 128, 256, 512)
+    attention: tuple[bool, ...] = (False, False, True, True)
+    blocks_per_level: int = 2
+    dropout: float = 0.1
+    groups: int = 32  # GroupNorm groups; every width must be divisible by it
+
+    def check(self, key: str) -> None:
+        if not self.channels:
+            _fail(f"{key}.channels", "needs at least one level")
+        if len(self.attention) != len(self.channels):
+            _fail(f"{key}.attention", f"needs one entry per level of model.channels "
+                  f"({len(self.channels)}), got {len(self.attention)}")
+        for width in self.channels:
+            if width < 1 or width % self.groups:
+                _fail(f"{key}.channels", f"every width must be a positive multiple of "
+                      f"model.groups ({self.groups}), got {list(self.channels)}")
+        if self.blocks_per_level < 1:
+            _fail(f"{key}.blocks_per_level", f"must be >= 1, got {self.blocks_per_level}")
+        if not 0 <= self.dropout < 1:
+            _fail(f"{key}.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.groups < 1:
+            _fail(f"{key}.groups", f"must be >= 1, got {self.groups}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup_epochs: float = 10
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) so short runs track the weights
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every: int = 1  # epochs between resumable checkpoints
+    strip_every: int = 1  # epochs between reverse-diffusion strips (0 = never)
+    log_every: int = 50  # steps between loss readings (one host sync each)
+    grad_clip: float = 0.0  # max global grad norm (0 = off)
+    flip: bool = True  # random horizontal flips
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    compile: Literal["auto", "on", "off"] = "auto"  # auto = torch.compile on CUDA only
+    nproc: int = 1  # processes for torchrun (one per GPU)
+
+    def check(self, key: str) -> None:
+        for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "nproc"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            _fail(f"{key}.lr", f"must be > 0, got {self.lr}")
+        if self.warmup_epochs < 0:
+            _fail(f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(f"{key}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.ema_decay < 1:
+            _fail(f"{key}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.strip_every < 0:
+            _fail(f"{key}.strip_every", f"must be >= 0 (0 = never), got {self.strip_every}")
+        if self.grad_clip < 0:
+            _fail(f"{key}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail(f"{key}.device", f"allowed: auto, cpu, cuda, cuda:N; got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    num_samples: int = 10000
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 512  # reverse steps; ddpm always uses all diffusion.steps
+    eta: float = 0.0  # DDIM noise scale: 0 = deterministic, 1 = ancestral-like
+    batch_size: int = 500
+    seed: int = 1234
+    weights: Literal["ema", "raw"] = "ema"
+    grid_size: int = 64  # images in the sample grid
+
+    def check(self, key: str) -> None:
+        for name in ("num_samples", "steps", "batch_size", "grid_size"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.eta < 0:
+            _fail(f"{key}.eta", f"must be >= 0, got {self.eta}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    kid: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    batch_size: int = 100  # Inception batch
+    device: str = "auto"
+
+    def check(self, key: str) -> None:
+        for name in ("kid_subsets", "kid_subset_size", "batch_size"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail(f"{key}.device", f"allowed: auto, cpu, cuda, cuda:N; got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str = "ddpm-cars"
+    tracking_uri: Optional[str] = None  # null = sqlite:///mlflow.db at the repository root
+    enabled: bool = True
+
+    def check(self, key: str) -> None:
+        if not self.experiment:
+            _fail(f"{key}.experiment", "must be a non-empty name")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def check(self) -> None:
+        factor = self.model.downsample_factor
+        if self.preprocess.image_size % factor:
+            _fail("preprocess.image_size",
+                  f"the U-Net halves the image {len(self.model.channels) - 1} times "
+                  f"(model.channels has {len(self.model.channels)} levels), so it must be a "
+                  f"multiple of {factor}; got {self.preprocess.image_size}")
+        if self.generate.sampler == "ddim" and self.generate.steps > self.diffusion.steps:
+            _fail("generate.steps", f"DDIM can take at most diffusion.steps "
+                  f"({self.diffusion.steps}) steps, got {self.generate.steps}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it in the dataclass's form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            _fail(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        (inner, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"expected a list of {_type_name(inner)}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"expected a whole number, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads "1e-4" (no dot) as a string; accept it as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        _fail(key, f"expected a mapping of settings, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        _fail(f"{key}.{unknown[0]}", f"unknown key; known keys of '{key}': {', '.join(names)}")
+    values = {name: _coerce(f"{key}.{name}", raw[name], hints[name]) for name in raw}
+    section = cls(**values)
+    section.check(key)
+    return section
+
+
+def params_from_dict(raw: Any) -> Params:
+    """Validate a parsed params.yaml (all sections, then cross-section rules)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml: expected a mapping of sections at the top level")
+    hints = typing.get_type_hints(Params)
+    names = [f.name for f in dataclasses.fields(Params)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        _fail(unknown[0], f"unknown section; known sections: {', '.join(names)}")
+    params = Params(**{name: _build(hints[name], raw.get(name), name) for name in names})
+    params.check()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` maps dotted keys to values."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        apply_override(raw, dotted, value)
+    return params_from_dict(raw)
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    """Set `section.key` in a raw params mapping (used by the demo and the CLI)."""
+    section, _, key = dotted.partition(".")
+    if not key:
+        raise ConfigError(f"override {dotted!r}: expected 'section.key'")
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][key] = value
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    """A section (or Params) as plain YAML-able data: tuples become lists."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(section))
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """`{"train.lr": 1e-4, ...}` for trackers and run comparisons."""
+    flat = {}
+    for name, section in as_dict(params).items():
+        for key, value in section.items():
+            flat[f"{name}.{key}"] = value
+    return flat
