@@ -40,8 +40,9 @@ class DataConfig:
                   "set data.archive to the path of the downloaded zip")
         if self.source == "kaggle" and self.kaggle_dataset.count("/") != 1:
             _fail(f"{key}.kaggle_dataset", f"expected 'owner/dataset', got {self.kaggle_dataset!r}")
-        if self.synthetic_count < 1:
-            _fail(f"{key}.synthetic_count", f"must be >= 1, got {self.synthetic_count}")
+        if self.synthetic_count < 2:
+            _fail(f"{key}.synthetic_count", f"must be >= 2 (one image per split), "
+                  f"got {self.synthetic_count}")
 
 
 @dataclass(frozen=True)

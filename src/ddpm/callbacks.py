@@ -1,0 +1,128 @@
+"""Training callbacks: progress bar, loss CSV, reverse-diffusion strips, checkpoints.
+
+Each decides its own cadence; the loop in `training.py` just calls them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import atomic, checkpoint
+from .diffusion import Schedule
+from .images import save_strip, to_uint8
+from .samplers import ImageNoise, sample_with_frames
+from .training import EpochSummary, TrainState
+
+LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
+
+
+def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """The whole loss history (kept in the checkpoint, so it survives a resume)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOSS_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic.write_text(path, buf.getvalue())
+
+
+def reverse_strip(model: torch.nn.Module, schedule: Schedule, image_size: int, seed: int,
+                  device: torch.device, rows: int = 1, frames: int = 9) -> list[torch.Tensor]:
+    """The seed's reverse strip: x_T and every T/8-th step, from fixed noise maps."""
+    noise = ImageNoise(seed, range(rows), device)
+    x_T = noise.randn((3, image_size, image_size))
+    kept = sample_with_frames("ddpm", model, schedule, x_T, noise, frames=frames)
+    return [to_uint8(x) for x in kept]
+
+
+class Progress:
+    """A tqdm bar per epoch with the running loss and images/s."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, start_step: int):
+        self.epochs, self.total, self.last_step = epochs, steps_per_epoch, start_step
+        self.bar = None
+
+    def on_log(self, row: dict[str, float]) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            epoch = int(row["step"] - 1) // self.total + 1
+            self.bar = tqdm(total=self.total, desc=f"epoch {epoch}/{self.epochs}", unit="step")
+        self.bar.update(int(row["step"]) - self.last_step)
+        self.last_step = int(row["step"])
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class LossCsv:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, row: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        write_loss_csv(self.path, state.history)
+
+
+class Strips:
+    """A reverse-diffusion strip with the EMA model every `every` epochs (and the last)."""
+
+    def __init__(self, out_dir: Path, schedule: Schedule, image_size: int, seed: int,
+                 every: int, epochs: int, device: torch.device,
+                 on_saved: Optional[Callable[[Path, int], None]] = None):
+        self.out_dir, self.schedule, self.image_size = out_dir, schedule, image_size
+        self.seed, self.every, self.epochs, self.device = seed, every, epochs, device
+        self.on_saved = on_saved
+
+    def on_log(self, row: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        if not self.every or (summary.epoch % self.every and summary.epoch != self.epochs):
+            return
+        frames = reverse_strip(state.ema.model, self.schedule, self.image_size, self.seed,
+                               self.device)
+        path = self.out_dir / f"reverse_epoch{summary.epoch:04d}.png"
+        save_strip(frames, path)
+        if self.on_saved is not None:
+            self.on_saved(path, summary.epoch)
+
+
+class Checkpointer:
+    """The full training state every `every` epochs and after the last one."""
+
+    def __init__(self, path: Path, run_config: dict[str, Any], every: int, epochs: int):
+        self.path, self.run_config, self.every, self.epochs = path, run_config, every, epochs
+
+    def on_log(self, row: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        if summary.epoch % self.every and summary.epoch != self.epochs:
+            return
+        checkpoint.save(self.path, {"run": self.run_config, **state.state_dict()})
+
+
+class EpochLog:
+    """One line per epoch on the console."""
+
+    def __init__(self, print_fn: Callable[[str], None] = print):
+        self.print = print_fn
+
+    def on_log(self, row: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        quartiles = " ".join(f"{q:.4f}" for q in summary.loss_quartiles)
+        self.print(f"epoch {summary.epoch}: loss {summary.loss:.4f} (t quartiles {quartiles}), "
+                   f"lr {summary.lr:.2e}, {summary.images_per_s:.1f} img/s")

@@ -1,0 +1,66 @@
+"""uint8 images on disk, [-1, 1] floats in the model: the one pair of conversions,
+and the PNG/GIF writers for grids and diffusion strips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import atomic
+
+
+def to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.float().div(127.5).sub(1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
+    return x.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def grid(images: torch.Tensor, ncol: int, pad: int = 2) -> np.ndarray:
+    """uint8 N x 3 x H x W -> one H' x W' x 3 array, row-major, white gutters."""
+    images = images.detach().cpu()
+    n, c, h, w = images.shape
+    nrow = -(-n // ncol)
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y:y + h, x:x + w] = img
+    return canvas
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+    atomic.write_with(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None) -> None:
+    ncol = ncol or max(1, int(np.ceil(np.sqrt(len(images)))))
+    save_png(grid(images, ncol), path)
+
+
+def save_strip(frames: Sequence[torch.Tensor], path: str | Path) -> None:
+    """frames: F tensors of uint8 B x 3 x H x W -> B rows of F frames, left to right."""
+    stacked = torch.stack(list(frames), dim=1)  # B x F x 3 x H x W
+    save_grid(stacked.flatten(0, 1), path, ncol=len(frames))
+
+
+def save_gif(frames: Sequence[torch.Tensor], path: str | Path, scale: int = 2,
+             duration_ms: int = 60, hold_last_ms: int = 1500) -> None:
+    """An animation of uint8 B x 3 x H x W frames, each frame a grid of the B images."""
+    pictures = []
+    for frame in frames:
+        array = grid(frame, ncol=max(1, int(np.ceil(np.sqrt(len(frame))))))
+        picture = Image.fromarray(array)
+        pictures.append(picture.resize((picture.width * scale, picture.height * scale),
+                                       Image.NEAREST))
+    durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
+    atomic.write_with(path, lambda tmp: pictures[0].save(
+        tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0))

@@ -1,0 +1,46 @@
+"""What every stage script shares: argument parsing, params, clean error exits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .config import ConfigError, Params, load_params
+
+
+def repo_root() -> Path:
+    """The DVC repository root: DVC_ROOT under dvc (also for --temp/--queue runs), else cwd."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def load(args: argparse.Namespace) -> Params:
+    return load_params(args.params)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# Errors whose message already says what is wrong and how to fix it: print it
+# alone, without a traceback, and exit non-zero.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def run(main: Callable[[], None], expected: tuple[type[BaseException], ...] = ()) -> None:
+    try:
+        main()
+    except EXPECTED_ERRORS + expected as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

