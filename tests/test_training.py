@@ -1,0 +1,155 @@
+"""Training behaviour: it learns, it is reproducible, it resumes exactly, it stops on NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_stage, write_params
+from ddpm import checkpoint
+from ddpm.callbacks import Checkpointer
+from ddpm.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm.training import NonFiniteLossError, lr_at, run_config, train
+
+MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
+DIFFUSION = DiffusionConfig(steps=40)
+
+
+def images(n=8, size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+
+
+def cfg(**kw):
+    base = dict(epochs=2, batch_size=4, lr=1e-3, warmup_epochs=0, seed=3, device="cpu",
+                log_every=1, strip_every=0, compile="off", precision="fp32")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    c = TrainConfig(epochs=10, warmup_epochs=2, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 10, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.05) and lrs[19] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_a_tiny_model_overfits_one_batch():
+    """Fixed x0, t and eps: the model + loss can drive the error far down."""
+    from ddpm.diffusion import loss_per_image, make_schedule, q_sample
+    from ddpm.images import to_model
+    from ddpm.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(MODEL)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    schedule = make_schedule(DIFFUSION)
+    x0 = to_model(images(n=4))
+    t = torch.tensor([3, 10, 20, 35])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x_t = q_sample(schedule, x0, t, eps)
+    losses = []
+    for _ in range(150):
+        loss = loss_per_image(model(x_t, t), eps).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_same_seed_same_weights_different_seed_different():
+    data = images()
+    runs = [train(data, DIFFUSION, MODEL, cfg(seed=s), device=torch.device("cpu")) for s in (3, 3, 4)]
+    a, b, c = (r.ema.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import ddpm.training as training
+
+    real = training.loss_per_image
+    calls = {"n": 0}
+
+    def poisoned(pred, eps):
+        calls["n"] += 1
+        loss = real(pred, eps)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(training, "loss_per_image", poisoned)
+    path = tmp_path / "last.pt"
+    saver = Checkpointer(path, {"run": 1}, every=1, epochs=5)
+    with pytest.raises(NonFiniteLossError, match="last checkpoint"):
+        train(images(), DIFFUSION, MODEL, cfg(epochs=5), device=torch.device("cpu"),
+              callbacks=(saver,))
+    saved = checkpoint.load(path)
+    assert saved["epoch"] == 1 and saved["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def processed(tmp_path, n=256, size=16):
+    out = tmp_path / "processed"
+    out.mkdir()
+    array = images(n=n, size=size).numpy()
+    np.save(out / "images.npy", array)
+    (out / "manifest.json").write_text(json.dumps({"shape": list(array.shape), "sha256": "x" * 64}))
+    return out
+
+
+def stage_args(workdir, data):
+    return ["--data", str(data), "--model", str(workdir / "model.pt"),
+            "--checkpoints", str(workdir / "ckpt"), "--reports", str(workdir / "reports"),
+            "--strips", str(workdir / "strips")]
+
+
+def test_resume_after_sigkill_ends_with_identical_weights(tmp_path):
+    data = processed(tmp_path)
+    overrides = {**TINY, "train": {"epochs": 5, "batch_size": 8, "device": "cpu", "log_every": 8,
+                                   "strip_every": 2, "warmup_epochs": 1, "compile": "off"}}
+    params = write_params(tmp_path / "params.yaml", overrides)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_stage("train", "--params", str(params), *stage_args(straight, data), cwd=tmp_path)
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params",
+                             str(params), *stage_args(killed, data)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "ckpt" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = checkpoint.load(ckpt)["epoch"]
+    assert 1 <= interrupted_at < 5, "the run was not interrupted mid-training"
+    assert not (killed / "model.pt").exists()
+
+    done = run_stage("train", "--params", str(params), *stage_args(killed, data), cwd=tmp_path)
+    assert f"resuming from {ckpt} at epoch {interrupted_at}" in done.stdout
+    a, b = checkpoint.load(straight / "model.pt"), checkpoint.load(killed / "model.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert (killed / "reports" / "train_loss.csv").read_text() != ""
+    rows = (killed / "reports" / "train_loss.csv").read_text().splitlines()
+    assert len(rows) == len((straight / "reports" / "train_loss.csv").read_text().splitlines())
+    assert sorted(p.name for p in (killed / "strips").iterdir()) == \
+        ["reverse_epoch0002.png", "reverse_epoch0004.png", "reverse_epoch0005.png"]
+
+
+def test_a_checkpoint_from_other_settings_is_not_reused(tmp_path):
+    data = processed(tmp_path, n=16)
+    base = {**TINY, "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "compile": "off"}}
+    run_stage("train", "--params", str(write_params(tmp_path / "a.yaml", base)),
+              *stage_args(tmp_path / "w", data), cwd=tmp_path)
+    changed = {**base, "model": {**TINY["model"], "dropout": 0.2}}
+    done = run_stage("train", "--params", str(write_params(tmp_path / "b.yaml", changed)),
+                     *stage_args(tmp_path / "w", data), cwd=tmp_path)
+    assert "not resuming" in done.stdout and "model.dropout" in done.stdout
+    report = json.loads((tmp_path / "w" / "reports" / "train.json").read_text())
+    assert report["epochs"] == 1 and report["steps"] == 2
