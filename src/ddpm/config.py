@@ -26,6 +26,11 @@ def _fail(key: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"params.yaml: {key}: {message}")
 
 
+def _check_device(key: str, device: str) -> None:
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        _fail(key, f"allowed: auto, cpu, cuda, cuda:N; got {device!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["kaggle", "archive", "synthetic"] = "kaggle"
@@ -149,8 +154,7 @@ class TrainConfig:
             _fail(f"{key}.strip_every", f"must be >= 0 (0 = never), got {self.strip_every}")
         if self.grad_clip < 0:
             _fail(f"{key}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            _fail(f"{key}.device", f"allowed: auto, cpu, cuda, cuda:N; got {self.device!r}")
+        _check_device(f"{key}.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,7 @@ class GenerateConfig:
     seed: int = 1234
     weights: Literal["ema", "raw"] = "ema"
     grid_size: int = 64  # images in the sample grid
+    device: str = "auto"
 
     def check(self, key: str) -> None:
         for name in ("num_samples", "steps", "batch_size", "grid_size"):
@@ -170,6 +175,7 @@ class GenerateConfig:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.eta < 0:
             _fail(f"{key}.eta", f"must be >= 0, got {self.eta}")
+        _check_device(f"{key}.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -184,8 +190,7 @@ class EvaluateConfig:
         for name in ("kid_subsets", "kid_subset_size", "batch_size"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            _fail(f"{key}.device", f"allowed: auto, cpu, cuda, cuda:N; got {self.device!r}")
+        _check_device(f"{key}.device", self.device)
 
 
 @dataclass(frozen=True)

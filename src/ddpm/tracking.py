@@ -52,6 +52,7 @@ import os
 import queue
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -282,8 +283,7 @@ class _Spool:
         assert self.path is not None
         files = self.path.with_suffix(".files")
         files.mkdir(exist_ok=True)
-        kept = files / f"{self.count:06d}" / source.name
-        kept.parent.mkdir()
+        kept = Path(tempfile.mkdtemp(dir=files)) / source.name
         shutil.copy2(source, kept)
         return {**op, "path": str(kept)}
 
@@ -351,8 +351,8 @@ class _Sender:
             _apply(self.client, self.run_id, op)
         except Exception as err:
             if _rejected(err):
-                self._warn_once("rejected", f"MLflow refused a {op['op']} call and it is "
-                                f"dropped: {err}")
+                self._warn_once("rejected", f"MLflow refused a {op['op']} call, which is "
+                                f"dropped: {_first_line(err)}")
                 return
             self.offline_until = time.monotonic() + RETRY_AFTER_S
             self._to_spool(op)
@@ -388,7 +388,9 @@ class Tracker:
             tracker.log_metrics({"train/loss": 0.03}, step=epoch)
 
     Leaving the `with` ends the run FINISHED, FAILED on an exception, KILLED on
-    Ctrl-C. No call but `log_params` (on a conflicting value) ever raises.
+    Ctrl-C. Only `log_params` with a conflicting value raises; a store that
+    fails is reported once and spooled. Under torchrun, track on rank 0 only:
+    `Tracker(config, enabled=rank == 0)`.
     """
 
     def __init__(self, config: MlflowConfig, *, enabled: bool = True,
@@ -532,7 +534,7 @@ class Tracker:
 
     def write_run_file(self, path: str | Path) -> None:
         """Record this run for the stages after this one (a DVC output)."""
-        if not self.active:
+        if self.uri is None:  # tracking off, or mlflow missing
             write_json(path, {"run_id": None, "tracking": "disabled"})
         else:
             write_run_file(path, self.run_id if self.experiment_id else None,
@@ -577,6 +579,8 @@ class Tracker:
             return self
         run_id = run_for_evaluation(source_run_file, params, out_run_file, config=self.config)
         self.start(run_id=run_id, tags=tags)
+        if run_id is None and self.active:  # the store came back between the two calls
+            self.write_run_file(out_run_file)
         # Already there when the run was found; spooled with the run when it was not.
         self.log_params(params)
         return self
@@ -661,9 +665,15 @@ def _run_for(client: Any, config: MlflowConfig, uri: str, source_id: Optional[st
         held = source.data.params
         if all(held.get(key, value) == value for key, value in wanted.items()):
             missing = {key: value for key, value in wanted.items() if key not in held}
-            if missing:
-                _apply(client, source_id, {"op": "params", "params": missing})
-            return source
+            try:
+                if missing:
+                    _apply(client, source_id, {"op": "params", "params": missing})
+                return source
+            except Exception as err:
+                # Another experiment evaluating the same model logged other values first.
+                if not _rejected(err):
+                    raise
+                source = client.get_run(source_id)
     return _copy_run(client, config, uri, source, wanted)
 
 

@@ -1,0 +1,59 @@
+"""Stage `generate`: samples from models/model.pt (for FID) and the figures: grid, strips, GIF."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ddpm import atomic, checkpoint, stageutil
+from ddpm.checkpoint import CheckpointError
+from ddpm.config import ConfigError
+from ddpm.diffusion import make_schedule
+from ddpm.generate import denoiser, generate_samples, write_figures
+from ddpm.preprocess import load_processed
+from ddpm.training import load_model, resolve_device
+
+
+def main() -> None:
+    p = stageutil.parser(__doc__)
+    p.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    p.add_argument("--data", type=Path, default=Path("data/processed"))
+    p.add_argument("--out", type=Path, default=Path("data/generated"))
+    p.add_argument("--figures", type=Path, default=Path("reports/figures"))
+    args = p.parse_args()
+    params = stageutil.load(args)
+    cfg = params.generate
+
+    device = resolve_device(cfg.device)
+    model, diffusion_cfg, size = load_model(checkpoint.load(args.model), cfg.weights, device)
+    if cfg.sampler == "ddim" and cfg.steps > diffusion_cfg.steps:
+        raise ConfigError(f"params.yaml: generate.steps: the model was trained with "
+                                    f"{diffusion_cfg.steps} diffusion steps; DDIM can take at "
+                                    f"most that many, got {cfg.steps}")
+    schedule = make_schedule(diffusion_cfg).to(device)
+    denoise = denoiser(model, device)
+    steps = diffusion_cfg.steps if cfg.sampler == "ddpm" else cfg.steps
+    stageutil.log(f"sampling {cfg.num_samples} images with {cfg.sampler} ({steps} steps, "
+                  f"{cfg.weights} weights) on {device}")
+
+    started = time.perf_counter()
+    with tqdm(total=cfg.num_samples, desc="sampling", unit="img") as bar:
+        samples = generate_samples(denoise, schedule, cfg, size, device, progress=bar.update)
+    seconds = time.perf_counter() - started
+    with atomic.atomic_directory(args.out) as tmp:
+        np.save(tmp / "samples.npy", samples)
+        atomic.write_json(tmp / "info.json", {
+            "count": int(len(samples)), "sampler": cfg.sampler, "steps": steps, "eta": cfg.eta,
+            "weights": cfg.weights, "seed": cfg.seed, "seconds": seconds,
+            "images_per_s": len(samples) / seconds, "device": str(device)})
+
+    real = load_processed(args.data)[0] if args.data.exists() else None
+    figures = write_figures(denoise, schedule, cfg, samples, real, args.figures, device)
+    stageutil.log(f"{len(samples)} samples in {args.out} ({len(samples) / seconds:.1f} img/s); "
+                  f"figures: {', '.join(str(f) for f in figures)}")
+
+
+if __name__ == "__main__":
+    stageutil.run(main, expected=(CheckpointError,))
