@@ -6,6 +6,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ddpm import atomic, fid, stageutil
+from ddpm.config import flatten
+from ddpm.tracking import Tracker, select
 
 
 def main() -> None:
@@ -13,8 +15,11 @@ def main() -> None:
     p.add_argument("--samples", type=Path, default=Path("data/generated"))
     p.add_argument("--reference", type=Path, default=Path("data/reference/stats.npz"))
     p.add_argument("--out", type=Path, default=Path("reports/eval.json"))
+    p.add_argument("--generate-run", type=Path, default=Path("reports/mlflow_generate_run.json"))
+    p.add_argument("--run-file", type=Path, default=Path("reports/mlflow_eval_run.json"))
     args = p.parse_args()
-    cfg = stageutil.load(args).evaluate
+    params = stageutil.load(args)
+    cfg = params.evaluate
 
     reference = fid.load_stats(args.reference)
     samples = np.load(args.samples / "samples.npy")
@@ -34,6 +39,12 @@ def main() -> None:
     if len(samples) < 2048:
         result["note"] = "fewer than 2,048 samples: FID is biased upwards (covariance not full rank)"
     atomic.write_json(args.out, result)
+    tracker = Tracker(params.mlflow)
+    with tracker.start_for_evaluation(args.generate_run, select(flatten(params), "evaluate"),
+                                      args.run_file):
+        tracker.log_metrics({f"evaluate/{k}": v for k, v in result.items()
+                             if isinstance(v, (int, float))})
+        tracker.log_artifact(args.out, "reports")
     kid = f", KID {result['kid']:.5f} ± {result['kid_std']:.5f}" if cfg.kid else ""
     stageutil.log(f"FID {result['fid']:.2f}{kid} on {len(samples)} samples -> {args.out}")
 

@@ -9,10 +9,11 @@ from tqdm import tqdm
 
 from ddpm import atomic, checkpoint, stageutil
 from ddpm.checkpoint import CheckpointError
-from ddpm.config import ConfigError
+from ddpm.config import ConfigError, flatten
 from ddpm.diffusion import make_schedule
 from ddpm.generate import denoiser, generate_samples, write_figures
 from ddpm.preprocess import load_processed
+from ddpm.tracking import Tracker, select
 from ddpm.training import load_model, resolve_device
 
 
@@ -22,8 +23,18 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("data/processed"))
     p.add_argument("--out", type=Path, default=Path("data/generated"))
     p.add_argument("--figures", type=Path, default=Path("reports/figures"))
+    p.add_argument("--train-run", type=Path, default=Path("reports/mlflow_run.json"))
+    p.add_argument("--run-file", type=Path, default=Path("reports/mlflow_generate_run.json"))
     args = p.parse_args()
     params = stageutil.load(args)
+    cfg = params.generate
+    tracker = Tracker(params.mlflow)
+    with tracker.start_for_evaluation(args.train_run, select(flatten(params), "generate"),
+                                      args.run_file):
+        run(args, params, tracker)
+
+
+def run(args, params, tracker) -> None:
     cfg = params.generate
 
     device = resolve_device(cfg.device)
@@ -51,6 +62,10 @@ def main() -> None:
 
     real = load_processed(args.data)[0] if args.data.exists() else None
     figures = write_figures(denoise, schedule, cfg, samples, real, args.figures, device)
+    tracker.log_metrics({"generate/images_per_s": len(samples) / seconds,
+                         "generate/seconds": seconds, "generate/num_samples": len(samples)})
+    for figure in figures:
+        tracker.log_artifact(figure, "figures")
     stageutil.log(f"{len(samples)} samples in {args.out} ({len(samples) / seconds:.1f} img/s); "
                   f"figures: {', '.join(str(f) for f in figures)}")
 

@@ -1,24 +1,30 @@
 """Stage `train`: DDPM training on data/processed -> models/model.pt, strips, loss reports.
 
 Resumes from models/checkpoints/last.pt when it was made with the same model,
-diffusion, training and data settings; otherwise says what differs and starts
-fresh (the stale checkpoint is overwritten at the first new checkpoint).
+diffusion, training and data settings (and then continues its MLflow run);
+otherwise says what differs and starts fresh (the stale checkpoint is
+overwritten at the first new checkpoint).
 """
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ddpm import atomic, checkpoint, stageutil
-from ddpm.callbacks import Checkpointer, EpochLog, LossCsv, Progress, Strips, write_loss_csv
+from ddpm.callbacks import (Checkpointer, EpochLog, LossCsv, Progress, Strips, TrackMetrics,
+                            write_loss_csv)
 from ddpm.checkpoint import CheckpointError
-from ddpm.config import ConfigError
+from ddpm.config import ConfigError, flatten
 from ddpm.diffusion import make_schedule
 from ddpm.preprocess import load_processed
+from ddpm.tracking import ParamConflictError, Tracker, run_tags, select
 from ddpm.training import (NonFiniteLossError, final_weights, resolve_device, run_config,
                            steps_per_epoch, train)
 from ddpm.unet import UNet, count_parameters
+
+TRAIN_SECTIONS = ("data", "preprocess", "diffusion", "model", "train")
 
 
 def resume_state(path: Path, run_cfg: dict) -> dict | None:
@@ -41,6 +47,7 @@ def main() -> None:
     p.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"))
     p.add_argument("--reports", type=Path, default=Path("reports"))
     p.add_argument("--strips", type=Path, default=Path("reports/strips"))
+    p.add_argument("--run-file", type=Path, default=Path("reports/mlflow_run.json"))
     args = p.parse_args()
     params = stageutil.load(args)
     cfg = params.train
@@ -50,7 +57,7 @@ def main() -> None:
     factor = params.model.downsample_factor
     if size % factor:
         raise ConfigError(f"{args.data} holds {size}x{size} images but the U-Net needs a multiple "
-                         f"of {factor}; rerun preprocess or change model.channels")
+                          f"of {factor}; rerun preprocess or change model.channels")
     device = resolve_device(cfg.device)
     run_cfg = run_config(params.diffusion, params.model, cfg, manifest["sha256"])
     ckpt_path = args.checkpoints / "last.pt"
@@ -61,32 +68,53 @@ def main() -> None:
     stageutil.log(f"training {n_params:,} parameters on {len(images)} images of {size}x{size}, "
                   f"{cfg.epochs} epochs, device {device}")
 
-    epoch_steps = steps_per_epoch(len(images), cfg.batch_size)
-    callbacks = (
-        Progress(cfg.epochs, epoch_steps, resume["step"] if resume else 0),
-        LossCsv(args.reports / "train_loss.csv"),
-        Strips(args.strips, make_schedule(params.diffusion).to(device), size, cfg.seed,
-               cfg.strip_every, cfg.epochs, device),
-        Checkpointer(ckpt_path, run_cfg, cfg.checkpoint_every, cfg.epochs),
-        EpochLog(stageutil.log),
-    )
-    state = train(torch.from_numpy(images), params.diffusion, params.model, cfg,
-                  device=device, resume=resume, callbacks=callbacks)
+    tracker = Tracker(params.mlflow).start(
+        run_id=resume.get("mlflow_run_id") if resume else None,
+        run_name=os.environ.get("DVC_EXP_NAME"),
+        tags=run_tags(data_source=params.data.source, dataset_hash=manifest["sha256"],
+                      device=str(device), parameters=n_params),
+        system_metrics=True)
+    with tracker:
+        try:
+            tracker.log_params(select(flatten(params), *TRAIN_SECTIONS))
+        except ParamConflictError as err:  # a resumed run with changed cadence/device settings
+            stageutil.log(f"warning: {err}; the run keeps its first values")
+        tracker.write_run_file(args.run_file)
 
-    checkpoint.save(args.model, final_weights(state, run_cfg, size))
-    write_loss_csv(args.reports / "train_loss.csv", state.history)
-    last = state.epochs_done[-1]
-    atomic.write_json(args.reports / "train.json", {
-        "epochs": state.epoch,
-        "steps": state.step,
-        "final_loss": last["loss"],
-        "final_loss_by_t_quartile": list(last["loss_quartiles"]),
-        "images_per_s": last["images_per_s"],
-        "seconds": sum(e["seconds"] for e in state.epochs_done),
-        "parameters": n_params,
-        "images": int(len(images)),
-        "device": str(device),
-    })
+        epoch_steps = steps_per_epoch(len(images), cfg.batch_size)
+        callbacks = (
+            Progress(cfg.epochs, epoch_steps, resume["step"] if resume else 0),
+            LossCsv(args.reports / "train_loss.csv"),
+            Strips(args.strips, make_schedule(params.diffusion).to(device), size, cfg.seed,
+                   cfg.strip_every, cfg.epochs, device,
+                   on_saved=lambda path, epoch: tracker.log_image(path, "reverse_strip", epoch)),
+            Checkpointer(ckpt_path, run_cfg, cfg.checkpoint_every, cfg.epochs,
+                         extra={"mlflow_run_id": tracker.run_id}),
+            TrackMetrics(tracker),
+            EpochLog(stageutil.log),
+        )
+        state = train(torch.from_numpy(images), params.diffusion, params.model, cfg,
+                      device=device, resume=resume, callbacks=callbacks)
+
+        checkpoint.save(args.model, final_weights(state, run_cfg, size))
+        write_loss_csv(args.reports / "train_loss.csv", state.history)
+        last = state.epochs_done[-1]
+        report = {
+            "epochs": state.epoch,
+            "steps": state.step,
+            "final_loss": last["loss"],
+            "final_loss_by_t_quartile": list(last["loss_quartiles"]),
+            "images_per_s": last["images_per_s"],
+            "seconds": sum(e["seconds"] for e in state.epochs_done),
+            "parameters": n_params,
+            "images": int(len(images)),
+            "device": str(device),
+        }
+        atomic.write_json(args.reports / "train.json", report)
+        tracker.log_metrics({f"train/final_{k}": v for k, v in report.items()
+                             if isinstance(v, (int, float))}, step=state.step)
+        tracker.log_artifact(args.model, "model")
+        tracker.log_artifact(args.reports / "train_loss.csv", "reports")
     stageutil.log(f"model written to {args.model}; strips in {args.strips}")
 
 

@@ -26,6 +26,16 @@ FEW = Counts(train_warmup=1, train_steps=2, sample_warmup=1, sample_steps=2,
              matmul_size=256, matmul_iters=2, inception_images=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads
+    can slow a step tenfold, and this test times nothing that threads would change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def numbers(tree, path=""):
     """(dotted path, value) of every number in a nested dict, booleans left out."""
     if isinstance(tree, dict):
@@ -51,8 +61,8 @@ def test_every_figure_is_positive_and_finite(bench):
         for key in ("images_per_s", "tflops", "mfu", "step_s"):
             assert key in train[name], f"train.{name}.{key} missing"
     assert result["peak"]["tflops"] > 0
-    assert train["projected_seconds"]["seconds"] > 0
-    assert set(sampling) == {"ddpm_20", "ddim_20"}  # DDIM-50 is capped at T = 20
+    assert train["projected"]["seconds"] > 0
+    assert sampling["ddpm"]["steps"] == 20 and sampling["ddim"]["steps"] == 20  # DDIM-50 capped at T
     for figures in sampling.values():
         assert figures["images_per_s"] > 0 and figures["seconds_10k"] > 0
     assert result["memory_bytes"]["process_rss"] > 0
@@ -82,7 +92,7 @@ def test_files_hold_the_figures_and_the_printout(bench):
     assert text.splitlines() == lines
     assert "eager fp32" in text and "DDPM-20" in text and "DDIM-20" in text
     assert "PASS" not in text and "MISS" not in text  # verdicts are for GPUs only
-    assert "lowered on cpu" not in text  # batches 4 and 2 are within the CPU's caps
+    assert "lowered" not in text  # batches 4 and 2 are within the CPU's caps
 
 
 def test_compile_and_inception_failures_are_reported_not_raised(monkeypatch):

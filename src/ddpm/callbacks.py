@@ -101,8 +101,10 @@ class Strips:
 class Checkpointer:
     """The full training state every `every` epochs and after the last one."""
 
-    def __init__(self, path: Path, run_config: dict[str, Any], every: int, epochs: int):
+    def __init__(self, path: Path, run_config: dict[str, Any], every: int, epochs: int,
+                 extra: Optional[dict[str, Any]] = None):
         self.path, self.run_config, self.every, self.epochs = path, run_config, every, epochs
+        self.extra = extra or {}  # e.g. the tracking run id, so a resume continues that run
 
     def on_log(self, row: dict[str, float]) -> None:
         pass
@@ -110,7 +112,7 @@ class Checkpointer:
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         if summary.epoch % self.every and summary.epoch != self.epochs:
             return
-        checkpoint.save(self.path, {"run": self.run_config, **state.state_dict()})
+        checkpoint.save(self.path, {"run": self.run_config, **self.extra, **state.state_dict()})
 
 
 class EpochLog:
@@ -126,3 +128,20 @@ class EpochLog:
         quartiles = " ".join(f"{q:.4f}" for q in summary.loss_quartiles)
         self.print(f"epoch {summary.epoch}: loss {summary.loss:.4f} (t quartiles {quartiles}), "
                    f"lr {summary.lr:.2e}, {summary.images_per_s:.1f} img/s")
+
+
+class TrackMetrics:
+    """Live metrics for a tracker (anything with log_metrics(dict, step))."""
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+
+    def on_log(self, row: dict[str, float]) -> None:
+        self.tracker.log_metrics({"train/loss": row["loss"], "train/lr": row["lr"],
+                                  "train/images_per_s": row["images_per_s"]}, step=int(row["step"]))
+
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        quartiles = {f"train/loss_t_q{i + 1}": q for i, q in enumerate(summary.loss_quartiles)}
+        self.tracker.log_metrics({"train/epoch_loss": summary.loss, "train/epoch": summary.epoch,
+                                  "train/epoch_images_per_s": summary.images_per_s, **quartiles},
+                                 step=summary.step)

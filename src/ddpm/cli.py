@@ -1,13 +1,17 @@
 """The `ddpm` command: tools outside the pipeline.
 
     ddpm summary [--params params.yaml]       parameter count and GFLOP per image
+    ddpm sample --model models/model.pt -n N --out DIR   sample outside the pipeline
+    ddpm fid A B                              FID/KID between two image sets
     ddpm demo [--out demo-run]                the whole pipeline on synthetic data
+    ddpm tracking replay [FILE ...]           send spooled MLflow calls to the store
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_params
 
@@ -26,6 +30,56 @@ def cmd_summary(args: argparse.Namespace) -> None:
           f"(training ~{3 * gflop:.1f} GFLOP per image)")
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    import dataclasses
+    import time
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from .checkpoint import load
+    from .config import GenerateConfig
+    from .diffusion import make_schedule
+    from .generate import denoiser, generate_samples
+    from .images import save_png
+    from .training import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, diffusion_cfg, size = load_model(load(args.model), args.weights, device)
+    steps = args.steps or diffusion_cfg.steps
+    cfg = GenerateConfig(num_samples=args.n, sampler=args.sampler, steps=steps, eta=args.eta,
+                         batch_size=args.batch_size, seed=args.seed, weights=args.weights)
+    started = time.perf_counter()
+    with tqdm(total=args.n, desc="sampling", unit="img") as bar:
+        samples = generate_samples(denoiser(model, device), make_schedule(diffusion_cfg).to(device),
+                                   cfg, size, device, progress=bar.update)
+    seconds = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(samples):
+        save_png(image.transpose(1, 2, 0), out / f"{i:06d}.png")
+    print(f"{len(samples)} samples ({args.sampler}, {steps} steps) in {out} "
+          f"({len(samples) / seconds:.2f} img/s on {device})")
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    from . import fid
+
+    result = fid.compare(args.a, args.b, device=args.device, kid=not args.no_kid,
+                         batch_size=args.batch_size)
+    line = f"FID {result['fid']:.6g} ({result['count_a']} vs {result['count_b']} images)"
+    if result["kid"] is not None:
+        line += f", KID {result['kid']:.6g} ± {result['kid_std']:.3g}"
+    print(line)
+
+
+def cmd_tracking(args: argparse.Namespace) -> None:
+    from . import tracking
+
+    sys.exit(tracking.main(args.rest))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -40,6 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="model parameter count and forward GFLOP")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("sample", help="sample images from a saved model into a folder of PNGs")
+    p.add_argument("--model", default="models/model.pt")
+    p.add_argument("-n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: all)")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fid", help="FID and KID between two image sets")
+    p.add_argument("a", help="folder of PNG/JPEG, .npy/.npz/.pt file, or a stats .npz")
+    p.add_argument("b")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--no-kid", action="store_true")
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("tracking", help="MLflow helpers: `ddpm tracking replay [FILE ...]`")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_tracking)
 
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic data in a scratch folder")
     p.add_argument("--out", default="demo-run", help="scratch folder (default: demo-run)")

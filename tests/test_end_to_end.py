@@ -1,0 +1,99 @@
+"""The whole pipeline through `dvc repro` on tiny synthetic data, with MLflow tracking."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import dvc, make_dvc_project
+
+TINY_PIPELINE = {
+    "data": {"source": "synthetic", "synthetic_count": 40},
+    "preprocess": {"image_size": 16},
+    "diffusion": {"steps": 20},
+    "model": {"channels": [32, 64], "attention": [False, True], "blocks_per_level": 1, "dropout": 0.0},
+    "train": {"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1},
+    "generate": {"num_samples": 24, "sampler": "ddim", "steps": 5, "batch_size": 24, "grid_size": 16},
+    "evaluate": {"kid_subset_size": 10, "kid_subsets": 5, "batch_size": 24},
+}
+
+
+def runs(root):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpm-cars")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def set_param(root, section, key, value):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = make_dvc_project(tmp_path_factory.mktemp("e2e"), TINY_PIPELINE)
+    dvc("repro", cwd=root)
+    return root
+
+
+def test_repro_produces_every_output(project):
+    for rel in ("models/model.pt", "models/checkpoints/last.pt", "reports/train.json",
+                "reports/train_loss.csv", "reports/figures/samples.png", "reports/figures/forward.png",
+                "reports/figures/reverse.png", "reports/figures/reverse.gif", "reports/eval.json",
+                "data/reference/stats.npz", "data/generated/samples.npy"):
+        assert (project / rel).exists(), rel
+    result = json.loads((project / "reports" / "eval.json").read_text())
+    assert np.isfinite(result["fid"]) and np.isfinite(result["kid"]) and result["num_samples"] == 24
+    metrics = dvc("metrics", "show", cwd=project).stdout
+    assert "fid" in metrics and "final_loss" in metrics
+    assert "train_loss.csv" in dvc("plots", "show", cwd=project).stdout + \
+        dvc("plots", "show", "--json", cwd=project).stdout
+
+
+def test_the_run_holds_params_metrics_images_and_tags(project):
+    client, found = runs(project)
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["generate.steps"] == "5"
+    assert run.data.params["evaluate.kid_subsets"] == "5"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 5
+    assert "evaluate/fid" in run.data.metrics and "evaluate/kid" in run.data.metrics
+    assert run.data.tags["ddpm.data_source"] == "synthetic"
+    assert len(run.data.tags["ddpm.dataset_hash"]) == 64
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "figures"} <= artifacts
+    assert (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+
+
+def test_changing_generate_reruns_only_generate_and_evaluate_in_a_new_run(project):
+    _, before = runs(project)
+    first_fid = before[0].data.metrics["evaluate/fid"]
+    set_param(project, "generate", "steps", 10)
+    status = dvc("status", cwd=project).stdout
+    assert "generate:" in status and "train:" not in status and "preprocess:" not in status
+    out = dvc("repro", cwd=project).stdout
+    assert "Running stage 'generate'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'train'" not in out and "Running stage 'reference'" not in out
+    client, after = runs(project)
+    assert len(after) == 2
+    old, new = after
+    assert old.data.metrics["evaluate/fid"] == first_fid and old.data.params["generate.steps"] == "5"
+    assert new.data.params["generate.steps"] == "10"
+    assert new.data.metrics["evaluate/fid"] != first_fid
+    assert len(client.get_metric_history(new.info.run_id, "train/loss")) == \
+        len(client.get_metric_history(old.info.run_id, "train/loss"))
+    assert new.data.tags["ddpm.train_run_id"] == old.info.run_id
+
+
+def test_changing_evaluate_never_reruns_reference_and_does_not_fail(project):
+    set_param(project, "evaluate", "kid_subsets", 7)
+    out = dvc("repro", cwd=project).stdout
+    assert "Running stage 'evaluate'" in out and "Running stage 'reference'" not in out
+    _, found = runs(project)
+    assert len(found) == 3 and found[-1].data.params["evaluate.kid_subsets"] == "7"
