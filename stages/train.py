@@ -27,17 +27,33 @@ from ddpm.unet import UNet, count_parameters
 TRAIN_SECTIONS = ("data", "preprocess", "diffusion", "model", "train")
 
 
-def resume_state(path: Path, run_cfg: dict) -> dict | None:
+def resume_state(path: Path, run_cfg: dict, log) -> dict | None:
     if not path.exists():
         return None
     saved = checkpoint.load(path)
     diffs = checkpoint.differences(saved.get("run", {}), run_cfg)
     if diffs:
-        stageutil.log(f"not resuming from {path}: it was made with other settings ("
+        log(f"not resuming from {path}: it was made with other settings ("
                       + "; ".join(diffs) + "); training from scratch")
         return None
-    stageutil.log(f"resuming from {path} at epoch {saved['epoch']} (step {saved['step']})")
+    log(f"resuming from {path} at epoch {saved['epoch']} (step {saved['step']})")
     return saved
+
+
+def init_distributed(device_name: str) -> tuple[int, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; NCCL on GPUs, gloo on CPUs."""
+    rank_count = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if rank_count == 1:
+        return 0, device
+    import torch.distributed as dist
+
+    local = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), device
 
 
 def main() -> None:
@@ -58,17 +74,19 @@ def main() -> None:
     if size % factor:
         raise ConfigError(f"{args.data} holds {size}x{size} images but the U-Net needs a multiple "
                           f"of {factor}; rerun preprocess or change model.channels")
-    device = resolve_device(cfg.device)
+    rank, device = init_distributed(cfg.device)
+    # Under torchrun the other ranks only compute; rank 0 logs, tracks and writes.
+    log = stageutil.log if rank == 0 else (lambda message: None)
     run_cfg = run_config(params.diffusion, params.model, cfg, manifest["sha256"])
     ckpt_path = args.checkpoints / "last.pt"
-    resume = resume_state(ckpt_path, run_cfg)
-    if resume is None and args.strips.exists():
+    resume = resume_state(ckpt_path, run_cfg, log)
+    if resume is None and args.strips.exists() and rank == 0:
         shutil.rmtree(args.strips)  # strips of another run
     n_params = count_parameters(UNet(params.model))
-    stageutil.log(f"training {n_params:,} parameters on {len(images)} images of {size}x{size}, "
+    log(f"training {n_params:,} parameters on {len(images)} images of {size}x{size}, "
                   f"{cfg.epochs} epochs, device {device}")
 
-    tracker = Tracker(params.mlflow).start(
+    tracker = Tracker(params.mlflow, enabled=rank == 0).start(
         run_id=resume.get("mlflow_run_id") if resume else None,
         run_name=os.environ.get("DVC_EXP_NAME"),
         tags=run_tags(data_source=params.data.source, dataset_hash=manifest["sha256"],
@@ -79,7 +97,8 @@ def main() -> None:
             tracker.log_params(select(flatten(params), *TRAIN_SECTIONS))
         except ParamConflictError as err:  # a resumed run with changed cadence/device settings
             stageutil.log(f"warning: {err}; the run keeps its first values")
-        tracker.write_run_file(args.run_file)
+        if rank == 0:
+            tracker.write_run_file(args.run_file)
 
         epoch_steps = steps_per_epoch(len(images), cfg.batch_size)
         callbacks = (
@@ -91,10 +110,12 @@ def main() -> None:
             Checkpointer(ckpt_path, run_cfg, cfg.checkpoint_every, cfg.epochs,
                          extra={"mlflow_run_id": tracker.run_id}),
             TrackMetrics(tracker),
-            EpochLog(stageutil.log),
-        )
+            EpochLog(log),
+        ) if rank == 0 else ()
         state = train(torch.from_numpy(images), params.diffusion, params.model, cfg,
                       device=device, resume=resume, callbacks=callbacks)
+        if rank != 0:
+            return
 
         checkpoint.save(args.model, final_weights(state, run_cfg, size))
         write_loss_csv(args.reports / "train_loss.csv", state.history)

@@ -97,3 +97,56 @@ def test_changing_evaluate_never_reruns_reference_and_does_not_fail(project):
     assert "Running stage 'evaluate'" in out and "Running stage 'reference'" not in out
     _, found = runs(project)
     assert len(found) == 3 and found[-1].data.params["evaluate.kid_subsets"] == "7"
+
+
+def test_queued_experiments_land_in_the_repository_store(tmp_path):
+    import subprocess
+    import time
+
+    root = make_dvc_project(tmp_path / "queue", TINY_PIPELINE)
+    for name, epochs in (("exp-a", 1), ("exp-b", 2)):
+        dvc("exp", "run", "--queue", "-n", name, "-S", f"train.epochs={epochs}", cwd=root)
+    dvc("queue", "start", cwd=root)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = dvc("queue", "status", cwd=root).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Success" in status and "Failed" not in status, status
+    dvc("queue", "stop", cwd=root, check=False)
+    client, found = runs(root)
+    by_name = {r.data.tags.get("dvc.exp_name"): r for r in found}
+    assert set(by_name) == {"exp-a", "exp-b"}
+    for name, epochs in (("exp-a", "1"), ("exp-b", "2")):
+        run = by_name[name]
+        assert run.data.params["train.epochs"] == epochs
+        assert "evaluate/fid" in run.data.metrics and run.info.status == "FINISHED"
+        assert run.data.tags.get("dvc.baseline_rev")
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
+    shown = dvc("exp", "show", "--csv", cwd=root).stdout
+    assert "exp-a" in shown and "exp-b" in shown
+
+
+def test_training_survives_an_unreachable_tracking_server(tmp_path):
+    import socket
+
+    from conftest import REPO, run_stage, write_params
+    from ddpm.synthetic import write_synthetic_dataset
+    from ddpm.config import PreprocessConfig
+    from ddpm.preprocess import preprocess
+
+    write_synthetic_dataset(tmp_path / "raw", 16, 0)
+    preprocess(tmp_path / "raw", tmp_path / "processed", PreprocessConfig(image_size=16, workers=1))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = write_params(tmp_path / "params.yaml", TINY_PIPELINE)
+    done = run_stage("train", "--params", str(params), "--data", str(tmp_path / "processed"),
+                     "--model", str(tmp_path / "model.pt"), "--checkpoints", str(tmp_path / "ckpt"),
+                     "--reports", str(tmp_path / "reports"), "--strips", str(tmp_path / "strips"),
+                     "--run-file", str(tmp_path / "run.json"), cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "DVC_ROOT": str(tmp_path)})
+    assert (tmp_path / "model.pt").exists()
+    assert list((tmp_path / ".mlflow-spool").glob("*.jsonl"))
+    assert done.stderr.count("spool") >= 1

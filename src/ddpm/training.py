@@ -188,20 +188,56 @@ def quartile_of(t: torch.Tensor, T: int) -> torch.Tensor:
     return (t * 4) // T
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_mean(*tensors: torch.Tensor) -> None:
+    """Average tensors over ranks in place (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        for x in tensors:
+            dist.all_reduce(x)
+            x /= dist.get_world_size()
+
+
 def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: ModelConfig,
           cfg: TrainConfig, *, device: torch.device, resume: Optional[dict[str, Any]] = None,
           callbacks: tuple[Callback, ...] = ()) -> TrainState:
-    """Train on uint8 `images` (N x 3 x S x S) and return the final state."""
+    """Train on uint8 `images` (N x 3 x S x S) and return the final state.
+
+    Under torchrun every rank runs this with the same seed: the data order,
+    t, noise and flips are drawn for the whole global batch on every rank,
+    and each rank takes its own slice, so N ranks compute what one process
+    would on the same global batch (DDP averages the gradients). Callbacks
+    should be given on rank 0 only.
+    """
     # --- set up -----------------------------------------------------------
+    rank, ranks = world()
     state = build_state(model_cfg, cfg, device)
     if resume is not None:
         state.load_state_dict(resume)
     schedule: Schedule = make_schedule(diffusion_cfg).to(device)
     data = images.to(device)  # the whole uint8 set lives on the device: no loader
     n = data.shape[0]
-    batch = min(cfg.batch_size, n)
+    batch = min(cfg.batch_size, n)  # the global batch
+    if batch % ranks:
+        raise ConfigError(f"params.yaml: train.batch_size ({batch}) must divide evenly over "
+                          f"{ranks} processes")
+    mine = slice(rank * batch // ranks, (rank + 1) * batch // ranks)
     epoch_steps = steps_per_epoch(n, cfg.batch_size)
-    forward = maybe_compile(state.model, cfg.compile, device)
+    module = state.model
+    if ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = DistributedDataParallel(state.model, device_ids=[device] if device.type == "cuda" else None)
+    forward = maybe_compile(module, cfg.compile, device)
     autocast = autocast_for(device, cfg.precision)
     T = schedule.T
 
@@ -218,12 +254,14 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
             lr = lr_at(state.step, epoch_steps, cfg)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
-            x0 = to_model(data[order[i * batch:(i + 1) * batch]])
+            # Draws for the global batch, then this rank's slice of it.
+            flip = torch.rand(batch, device=device, generator=state.noise_gen)[mine] < 0.5
+            t = torch.randint(0, T, (batch,), device=device, generator=state.noise_gen)[mine]
+            eps = torch.randn((batch, *data.shape[1:]), device=device,
+                              generator=state.noise_gen)[mine]
+            x0 = to_model(data[order[i * batch:(i + 1) * batch][mine]])
             if cfg.flip:
-                flip = torch.rand(batch, device=device, generator=state.noise_gen) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-            t = torch.randint(0, T, (batch,), device=device, generator=state.noise_gen)
-            eps = torch.randn(x0.shape, device=device, generator=state.noise_gen)
             x_t = q_sample(schedule, x0, t, eps)
             if device.type == "cuda":
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -249,6 +287,7 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
             window_steps += 1
 
             if window_steps == cfg.log_every or i == epoch_steps - 1:
+                _all_mean(window_sum)
                 mean = (window_sum / window_steps).item()  # the host sync, once per window
                 now = time.perf_counter()
                 _check_finite(mean, state)
@@ -263,6 +302,7 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
 
         # --- end-of-epoch maintenance -------------------------------------
         seconds = time.perf_counter() - started
+        _all_mean(loss_sum, q_sum, q_count)
         epoch_loss = (loss_sum / epoch_steps).item()
         _check_finite(epoch_loss, state)
         quartiles = (q_sum / q_count.clamp(min=1)).tolist()
