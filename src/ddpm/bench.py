@@ -21,7 +21,6 @@ PASS/MISS on CUDA only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import platform
 import resource
@@ -38,7 +37,7 @@ from .config import Params
 from .diffusion import Schedule, loss_per_image, make_schedule, q_sample
 from .generate import denoiser
 from .samplers import ImageNoise, sample_ddim, sample_ddpm
-from .training import EMA, autocast_for, maybe_compile
+from .training import EMA, autocast_for, build_state, maybe_compile
 from .unet import UNet, count_parameters, forward_flops
 
 EPOCHS, DATASET_IMAGES, SAMPLES = 300, 16_185, 10_000  # the seed's run; the FID sample count
@@ -72,38 +71,6 @@ def counts_for(device: torch.device, quick: bool) -> Counts:
         # The first fast step compiles (about a minute); later ones take milliseconds.
         return Counts(3, 10, 2, 5, 8192, 20, 500) if quick else Counts(5, 40, 3, 20, 8192, 50, 2000)
     return Counts(2, 3, 1, 2, 2048, 3, 8) if quick else Counts(3, 10, 2, 5, 2048, 10, 64)
-
-
-@dataclass(frozen=True)
-class FastPath:
-    bf16: bool
-    channels_last: bool
-    compile: bool
-    fused_adam: bool
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
-
-    def describe(self, optimizer: bool = True) -> str:
-        parts = ["bf16 autocast" if self.bf16 else "fp32",
-                 "channels_last" if self.channels_last else "contiguous",
-                 "torch.compile" if self.compile else "eager"]
-        if optimizer:
-            parts.append("fused Adam" if self.fused_adam else "Adam")
-        return ", ".join(parts)
-
-
-def fast_path_for(params: Params, device: torch.device) -> FastPath:
-    """CUDA: bf16 autocast + channels_last + torch.compile + fused Adam, unless
-    train.precision / train.compile turn bf16 or compile off. CPU: bf16 only where
-    the CPU computes it natively; compile only with train.compile 'on' (as training)."""
-    cfg = params.train
-    cuda = device.type == "cuda"
-    cpu_bf16 = not cuda and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (cuda or cpu_bf16))
-    compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
-    return FastPath(bf16=bf16, channels_last=True, compile=compile_, fused_adam=True)
 
 
 # ---------------------------------------------------------------- timing
@@ -150,19 +117,41 @@ def _reason(err: BaseException) -> str:
 # ---------------------------------------------------------------- training
 
 
+def describe(bf16: bool, channels_last: bool, compiled: bool) -> str:
+    return ", ".join(["bf16 autocast" if bf16 else "fp32",
+                      "channels_last" if channels_last else "contiguous",
+                      "torch.compile" if compiled else "eager"])
+
+
 @dataclass
 class Trainer:
-    """A model, its optimizer and EMA, and one step exactly as the training loop takes it."""
+    """A model, its optimizer and EMA, and one step as the training loop takes it."""
 
     model: torch.nn.Module
-    forward: Callable
+    forward: Callable  # the model, or the compiled model
     optimizer: torch.optim.Optimizer
     ema: EMA
     autocast: Any
-    channels_last: bool
     schedule: Schedule
     x0: torch.Tensor
     gen: torch.Generator
+
+    @property
+    def bf16(self) -> bool:
+        return isinstance(self.autocast, torch.autocast)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+    @property
+    def compiled(self) -> bool:
+        return self.forward is not self.model
+
+    def describe(self) -> str:
+        fused = bool(self.optimizer.defaults.get("fused"))
+        return describe(self.bf16, self.channels_last, self.compiled) + (
+            ", fused Adam" if fused else ", Adam")
 
     def step(self) -> None:
         batch = self.x0.shape[0]
@@ -180,43 +169,50 @@ class Trainer:
         self.ema.update(self.model)
 
 
-def make_trainer(params: Params, device: torch.device, batch: int,
-                 fast: Optional[FastPath]) -> Trainer:
-    """`fast=None` is the seed's way: fp32, contiguous, eager, torch's default Adam."""
-    fast = fast or FastPath(bf16=False, channels_last=False, compile=False, fused_adam=False)
+def _random_images(params: Params, device: torch.device, batch: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    size = params.preprocess.image_size
+    return torch.rand(batch, 3, size, size, device=device, generator=gen) * 2 - 1
+
+
+def fast_trainer(params: Params, device: torch.device, batch: int) -> Trainer:
+    """What `training.train` runs for these params: its model, optimizer and EMA
+    (`build_state`: channels_last and fused Adam on CUDA), autocast and compile."""
+    state = build_state(params.model, params.train, device)
+    return Trainer(state.model, maybe_compile(state.model, params.train.compile, device),
+                   state.optimizer, state.ema, autocast_for(device, params.train.precision),
+                   make_schedule(params.diffusion).to(device),
+                   _random_images(params, device, batch, state.noise_gen), state.noise_gen)
+
+
+def eager_trainer(params: Params, device: torch.device, batch: int) -> Trainer:
+    """The seed's way: fp32, contiguous, eager, torch's default Adam."""
     torch.manual_seed(params.train.seed)
     model = UNet(params.model).to(device).train()
-    if fast.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr,
-                                 fused=True if fast.fused_adam else None)
     gen = torch.Generator(device).manual_seed(params.train.seed + 1)
-    size = params.preprocess.image_size
-    x0 = torch.rand(batch, 3, size, size, device=device, generator=gen) * 2 - 1
-    return Trainer(model, maybe_compile(model, "on" if fast.compile else "off", device),
-                   optimizer, EMA(model, params.train.ema_decay, params.train.ema_warmup),
-                   autocast_for(device, fast.precision), fast.channels_last,
-                   make_schedule(params.diffusion).to(device), x0, gen)
+    return Trainer(model, model, torch.optim.Adam(model.parameters(), lr=params.train.lr),
+                   EMA(model, params.train.ema_decay, params.train.ema_warmup),
+                   contextlib.nullcontext(), make_schedule(params.diffusion).to(device),
+                   _random_images(params, device, batch, gen), gen)
 
 
-def measure_training(params: Params, device: torch.device, fast: Optional[FastPath], batch: int,
-                     n: Counts) -> tuple[dict[str, Any], Optional[FastPath], Optional[str]]:
-    """(figures, the path actually timed, why compile fell back or None)."""
-    trainer = make_trainer(params, device, batch, fast)
+def measure_training(trainer: Trainer, n: Counts,
+                     device: torch.device) -> tuple[dict[str, Any], Optional[str]]:
+    """(figures, why compiling failed or None); after a failure the model is timed eager."""
     fallback = None
     try:
         first, seconds = _time_loop(trainer.step, n.train_warmup, n.train_steps, device)
     except Exception as err:  # noqa: BLE001 - torch.compile fails in many ways
-        if fast is None or not fast.compile:
+        if not trainer.compiled:
             raise
         fallback = _reason(err)
         torch._dynamo.reset()
-        fast = dataclasses.replace(fast, compile=False)
-        trainer = make_trainer(params, device, batch, fast)
+        trainer.forward = trainer.model
         first, seconds = _time_loop(trainer.step, n.train_warmup, n.train_steps, device)
+    batch = trainer.x0.shape[0]
     figures = {"images_per_s": batch / seconds, "step_s": seconds, "first_step_s": first,
-               "timed_steps": n.train_steps}
-    return figures, fast, fallback
+               "timed_steps": n.train_steps, "config": trainer.describe()}
+    return figures, fallback
 
 
 def _tf32_note(device: torch.device) -> str:
@@ -255,20 +251,23 @@ def time_sampler(sampler: Callable, denoise: Callable, schedule: Schedule, batch
     return (marks[warmup + timed - 1] - marks[warmup - 1]) / timed
 
 
-def measure_sampling(params: Params, device: torch.device, fast: FastPath, batch: int,
-                     n: Counts, say: Callable[[str], None]) -> dict[str, dict[str, float]]:
+def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts,
+                     say: Callable[[str], None], *, bf16: bool, channels_last: bool,
+                     compiled: bool) -> dict[str, dict[str, float]]:
     """DDPM over all T steps and DDIM-50 with an eval-mode U-Net (as `training.load_model`
-    gives the generate stage) under the fast path's autocast, memory format and compile."""
+    gives the generate stage), with the fast training path's autocast, memory format
+    and compile."""
     torch.manual_seed(params.train.seed)
     model = UNet(params.model).to(device).eval().requires_grad_(False)
-    if fast.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    denoise = denoiser(maybe_compile(model, "on" if fast.compile else "off", device),
-                       device, fast.precision)
+    precision = "bf16" if bf16 else "fp32"
+    denoise = denoiser(maybe_compile(model, "on" if compiled else "off", device),
+                       device, precision)
     schedule = make_schedule(params.diffusion).to(device)
     size, T = params.preprocess.image_size, schedule.T
     ddim_steps = min(DDIM_STEPS, T)
-    say(f"sampling: eval U-Net, {fast.describe(optimizer=False)}; batch {batch}; "
+    say(f"sampling: eval U-Net, {describe(bf16, channels_last, compiled)}; batch {batch}; "
         f"time per step measured over a few steps, extrapolated to the full step count")
     figures = {}
     for name, sampler, total, kwargs in (
@@ -280,12 +279,11 @@ def measure_sampling(params: Params, device: torch.device, fast: FastPath, batch
             step_s = time_sampler(sampler, denoise, schedule, batch, size, device, warmup, timed,
                                   params.generate.seed, **kwargs)
         except Exception as err:  # noqa: BLE001 - compiling the eval model failed
-            if not fast.compile:
+            if not compiled:
                 raise
             say(f"  compile: unavailable for sampling ({_reason(err)}); sampling timed eager")
             torch._dynamo.reset()
-            fast = dataclasses.replace(fast, compile=False)
-            denoise = denoiser(model, device, fast.precision)
+            denoise = denoiser(model, device, precision)
             step_s = time_sampler(sampler, denoise, schedule, batch, size, device, warmup, timed,
                                   params.generate.seed, **kwargs)
         ips = batch / (step_s * total)
@@ -402,7 +400,6 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     cuda = device.type == "cuda"
     quick = (not cuda) if quick is None else quick
     n = counts or counts_for(device, quick)
-    fast = fast_path_for(params, device)
     size = params.preprocess.image_size
     batch = train_batch or (params.train.batch_size if cuda
                             else min(params.train.batch_size, CPU_TRAIN_BATCH))
@@ -434,8 +431,10 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     say(f"batches: training {batch}, sampling {s_batch}"
         + (f" ({'; '.join(lowered)})" if lowered else ""))
 
-    peak_name = f"{fast.precision} matmul {n.matmul_size}^3"
-    peak = matmul_peak(device, torch.bfloat16 if fast.bf16 else torch.float32,
+    # The peak in the fast path's compute type: bf16 where training autocasts.
+    bf16 = isinstance(autocast_for(device, params.train.precision), torch.autocast)
+    peak_name = f"{'bf16' if bf16 else 'fp32'} matmul {n.matmul_size}^3"
+    peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32,
                        n.matmul_size, n.matmul_iters)
     say(f"peak: {peak_name} on this {device.type}: {_num(peak)} TFLOP/s (the MFU denominator)")
 
@@ -444,26 +443,29 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     say(f"training: forward + backward + Adam + EMA on random data "
         f"({n.train_warmup} warm-up steps, {n.train_steps} timed)")
     train: dict[str, Any] = {"batch_size": batch}
-    for name, path in (("eager_fp32", None), ("fast", fast)):
-        _reset_peak(device)
-        figures, used, fallback = measure_training(params, device, path, batch, n)
-        if path is not None:
-            fast = used
-            train["compile_fallback"] = fallback
+    _reset_peak(device)
+    train["eager_fp32"], _ = measure_training(eager_trainer(params, device, batch), n, device)
+    train["eager_fp32"]["config"] += _tf32_note(device)
+    memory["train_eager_fp32"] = _peak_memory(device)
+    _reset_peak(device)
+    fast = fast_trainer(params, device, batch)
+    train["fast"], train["compile_fallback"] = measure_training(fast, n, device)
+    memory["train_fast"] = _peak_memory(device)
+    for name in ("eager_fp32", "fast"):
+        figures = train[name]
         figures["tflops"] = figures["images_per_s"] * flop_per_image / 1e12
         figures["mfu"] = figures["tflops"] / peak
-        figures["config"] = ("fp32, contiguous, eager, Adam" + _tf32_note(device) if path is None
-                             else fast.describe())
-        train[name] = figures
-        memory[f"train_{name}"] = _peak_memory(device)
         say(f"  {name.replace('_', ' '):<10} {_num(figures['images_per_s']):>9} img/s "
             f"{_num(figures['tflops']):>8} TFLOP/s {100 * figures['mfu']:5.1f} % MFU  "
             f"{_fmt_s(figures['step_s'])}/step, first {_fmt_s(figures['first_step_s'])}  "
             f"[{figures['config']}]")
     if train["compile_fallback"]:
         say(f"  compile: unavailable ({train['compile_fallback']}); the fast path was timed eager")
-    elif not fast.compile:
+    elif not fast.compiled:
         say(f"  compile: off (train.compile is {params.train.compile!r}; 'auto' compiles on CUDA)")
+    if train["fast"]["config"] == train["eager_fp32"]["config"]:
+        say("  the fast path is the seed's here: training turns bf16, channels_last and fused "
+            "Adam on for CUDA (train.precision: bf16 and train.compile: on force those two)")
     speedup = train["fast"]["images_per_s"] / train["eager_fp32"]["images_per_s"]
     mfu = train["fast"]["mfu"]
     train_s = EPOCHS * DATASET_IMAGES / train["fast"]["images_per_s"]
@@ -477,15 +479,17 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     # --- sampling -----------------------------------------------------------
     say()
     _reset_peak(device)
-    sampling = measure_sampling(params, device, fast, s_batch, n, say)
+    path = {"bf16": fast.bf16, "channels_last": fast.channels_last, "compiled": fast.compiled}
+    del fast  # its weights, gradients and Adam state
+    sampling = measure_sampling(params, device, s_batch, n, say, **path)
     memory["sampling"] = _peak_memory(device)
     for name, key, shown in (("ddpm", "ddpm_seconds_10k", "5 min"),
                              ("ddim", "ddim_seconds_10k", "30 s")):
-        s = sampling[name]
-        say(f"  {name.upper()}-{s['steps']:<4} {_num(s['images_per_s']):>9} img/s  "
-            f"({_fmt_s(s['step_s'])} per step of {s['batch']}; {s['timed_steps']} steps timed)  "
-            f"{SAMPLES:,} samples: {_fmt_s(s['seconds_10k'])}   "
-            f"{verdict(key, s['seconds_10k'], shown)}")
+        fig = sampling[name]
+        say(f"  {name.upper()}-{fig['steps']:<4} {_num(fig['images_per_s']):>9} img/s  "
+            f"({_fmt_s(fig['step_s'])} per step of {fig['batch']}; {fig['timed_steps']} steps "
+            f"timed)  {SAMPLES:,} samples: {_fmt_s(fig['seconds_10k'])}   "
+            f"{verdict(key, fig['seconds_10k'], shown)}")
 
     # --- inception ----------------------------------------------------------
     say()
