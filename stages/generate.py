@@ -28,46 +28,41 @@ def main() -> None:
     args = p.parse_args()
     params = stageutil.load(args)
     cfg = params.generate
-    tracker = Tracker(params.mlflow)
-    with tracker.start_for_evaluation(args.train_run, select(flatten(params), "generate"),
-                                      args.run_file):
-        run(args, params, tracker)
-
-
-def run(args, params, tracker) -> None:
-    cfg = params.generate
 
     device = resolve_device(cfg.device)
     model, diffusion_cfg, size = load_model(checkpoint.load(args.model), cfg.weights, device)
     if cfg.sampler == "ddim" and cfg.steps > diffusion_cfg.steps:
         raise ConfigError(f"params.yaml: generate.steps: the model was trained with "
-                                    f"{diffusion_cfg.steps} diffusion steps; DDIM can take at "
-                                    f"most that many, got {cfg.steps}")
+                          f"{diffusion_cfg.steps} diffusion steps; DDIM can take at most that "
+                          f"many, got {cfg.steps}")
     schedule = make_schedule(diffusion_cfg).to(device)
     denoise = denoiser(model, device)
     steps = diffusion_cfg.steps if cfg.sampler == "ddpm" else cfg.steps
     stageutil.log(f"sampling {cfg.num_samples} images with {cfg.sampler} ({steps} steps, "
                   f"{cfg.weights} weights) on {device}")
 
-    started = time.perf_counter()
-    with tqdm(total=cfg.num_samples, desc="sampling", unit="img") as bar:
-        samples = generate_samples(denoise, schedule, cfg, size, device, progress=bar.update)
-    seconds = time.perf_counter() - started
-    with atomic.atomic_directory(args.out) as tmp:
-        np.save(tmp / "samples.npy", samples)
-        atomic.write_json(tmp / "info.json", {
-            "count": int(len(samples)), "sampler": cfg.sampler, "steps": steps, "eta": cfg.eta,
-            "weights": cfg.weights, "seed": cfg.seed, "seconds": seconds,
-            "images_per_s": len(samples) / seconds, "device": str(device)})
+    tracker = Tracker(params.mlflow)
+    with tracker.start_for_evaluation(args.train_run, select(flatten(params), "generate"),
+                                      args.run_file):
+        started = time.perf_counter()
+        with tqdm(total=cfg.num_samples, desc="sampling", unit="img") as bar:
+            samples = generate_samples(denoise, schedule, cfg, size, device, progress=bar.update)
+        seconds = time.perf_counter() - started
+        with atomic.atomic_directory(args.out) as tmp:
+            np.save(tmp / "samples.npy", samples)
+            atomic.write_json(tmp / "info.json", {
+                "count": int(len(samples)), "sampler": cfg.sampler, "steps": steps, "eta": cfg.eta,
+                "weights": cfg.weights, "seed": cfg.seed, "seconds": seconds,
+                "images_per_s": len(samples) / seconds, "device": str(device)})
 
-    real = load_processed(args.data)[0] if args.data.exists() else None
-    figures = write_figures(denoise, schedule, cfg, samples, real, args.figures, device)
-    tracker.log_metrics({"generate/images_per_s": len(samples) / seconds,
-                         "generate/seconds": seconds, "generate/num_samples": len(samples)})
-    for figure in figures:
-        tracker.log_artifact(figure, "figures")
-    stageutil.log(f"{len(samples)} samples in {args.out} ({len(samples) / seconds:.1f} img/s); "
-                  f"figures: {', '.join(str(f) for f in figures)}")
+        real = load_processed(args.data)[0] if args.data.exists() else None
+        figures = write_figures(denoise, schedule, cfg, samples, real, args.figures, device)
+        tracker.log_metrics({"generate/images_per_s": len(samples) / seconds,
+                             "generate/seconds": seconds, "generate/num_samples": len(samples)})
+        for figure in figures:
+            tracker.log_artifact(figure, "figures")
+        stageutil.log(f"{len(samples)} samples in {args.out} ({len(samples) / seconds:.1f} img/s); "
+                      f"figures: {', '.join(str(f) for f in figures)}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import platform
 import resource
 import sys
@@ -98,13 +99,15 @@ def _time_loop(step: Callable[[], Any], warmup: int, iters: int,
     return first, (time.perf_counter() - start) / iters
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, iters: int) -> float:
-    """TFLOP/s of a size^3 matmul loop: the practical dense peak of this device."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, iters: int,
+                rounds: int = 3) -> float:
+    """TFLOP/s of a size^3 matmul loop, the best of `rounds`: the practical dense peak."""
     gen = torch.Generator(device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     out = torch.empty_like(a)
-    _, seconds = _time_loop(lambda: torch.matmul(a, b, out=out), 3, iters, device)
+    seconds = min(_time_loop(lambda: torch.matmul(a, b, out=out), 2, iters, device)[1]
+                  for _ in range(rounds))
     return 2 * size ** 3 / seconds / 1e12
 
 
@@ -353,6 +356,8 @@ def _num(x: float) -> str:
 
 
 def _fmt_s(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 3 * 3600:
@@ -370,6 +375,16 @@ def device_name(device: torch.device) -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def host_load() -> tuple[Optional[float], int]:
+    """(1-minute load average, CPU cores this process may use): other work on the
+    host slows every figure, on a small CPU most of all."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), cores
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -421,7 +436,9 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     del model
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     say(f"ddpm bench  {date}  ({'quick' if quick else 'full'})")
-    say(f"device: {device_name(device)}; torch {torch.__version__}")
+    load, cores = host_load()
+    say(f"device: {device_name(device)}; torch {torch.__version__}; host load average "
+        f"{'unknown' if load is None else f'{load:.2f}'} on {cores} cores at the start")
     say(f"model: {n_params:,} parameters, channels {list(params.model.channels)}, "
         f"{size}x{size} images, {flop_per_image / 3e9:.2f} GFLOP forward, "
         f"{flop_per_image / 1e9:.1f} GFLOP per training image (3x forward)")
@@ -514,6 +531,7 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
               "ddim_seconds_10k": sampling["ddim"]["seconds_10k"]}
     result = {
         "date": date, "device": device_name(device), "torch": torch.__version__, "quick": quick,
+        "host": {"load_average_1min": load, "cores": cores},
         "model": {"parameters": n_params, "channels": list(params.model.channels),
                   "image_size": size, "train_flop_per_image": flop_per_image},
         "peak": {"tflops": peak, "what": peak_name},
