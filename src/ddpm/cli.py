@@ -3,6 +3,7 @@
     ddpm summary [--params params.yaml]       parameter count and GFLOP per image
     ddpm sample --model models/model.pt -n N --out DIR   sample outside the pipeline
     ddpm fid A B                              FID/KID between two image sets
+    ddpm bench [--quick|--full] [--set KEY=VALUE]   throughput and MFU on this machine
     ddpm demo [--out demo-run]                the whole pipeline on synthetic data
     ddpm tracking replay [FILE ...]           send spooled MLflow calls to the store
 """
@@ -80,6 +81,23 @@ def cmd_tracking(args: argparse.Namespace) -> None:
     sys.exit(tracking.main(args.rest))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .bench import run_bench
+    from .training import resolve_device
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.precision=bf16")
+        overrides[key] = yaml.safe_load(value)
+    params = load_params(args.params, overrides)
+    device = resolve_device(args.device or params.train.device)
+    run_bench(params, device, quick=args.quick, out_path=Path(args.out) if args.out else None)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -119,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tracking", help="MLflow helpers: `ddpm tracking replay [FILE ...]`")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_tracking)
+
+    p = sub.add_parser("bench", help="training, sampling and FID throughput on this machine")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: train.device)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--quick", dest="quick", action="store_true", default=None,
+                        help="few iterations (the default on a CPU)")
+    length.add_argument("--full", dest="quick", action="store_false",
+                        help="more iterations (the default on CUDA)")
+    p.add_argument("--out", default="reports/bench.json",
+                   help="the figures as JSON, the printout beside it as .txt ('' = neither)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param for this run, e.g. --set train.precision=bf16")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic data in a scratch folder")
     p.add_argument("--out", default="demo-run", help="scratch folder (default: demo-run)")

@@ -16,16 +16,23 @@ from .config import GenerateConfig
 from .diffusion import Schedule
 from .images import save_gif, save_grid, save_strip, to_model, to_uint8
 from .samplers import ImageNoise, forward_frames, get_sampler, sample_with_frames, sampler_steps
-from .training import autocast_for
+from .training import autocast_for, maybe_compile
 
 
-def denoiser(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> Callable:
-    """model(x_t, t) under the same autocast rule as training; float32 out."""
+def denoiser(model: torch.nn.Module, device: torch.device, precision: str = "auto",
+             compile: str = "auto") -> Callable:
+    """model(x_t, t) with training's fast-path rules (auto: bf16, channels-last and
+    torch.compile on CUDA; plain fp32 on a CPU); float32 out."""
     autocast = autocast_for(device, precision)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    forward = maybe_compile(model, compile, device)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            return model(x, t).float()
+            return forward(x, t).float()
 
     return denoise
 

@@ -174,9 +174,33 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def maybe_compile(model: nn.Module, mode: str, device: torch.device) -> Callable:
+    """torch.compile where asked (auto = on CUDA), falling back to eager if compiling fails."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model
-    return torch.compile(model)
+    return _CompiledOrEager(model)
+
+
+class _CompiledOrEager:
+    """Calls the compiled module; the first call that fails to compile switches to eager.
+
+    torch.compile defers all its work (and its failures: no compiler, an
+    unsupported op) to the first call, so that is where the fallback lives.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model, self.compiled = model, torch.compile(model)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001 - compilation fails in many ways
+                import warnings
+
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                              f"running eager", stacklevel=2)
+                self.compiled = None
+        return self.model(*args)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
