@@ -109,3 +109,13 @@ def test_cosine_schedule_is_monotone_and_bounded():
     ab = torch.cumprod(1 - betas, 0)
     assert (betas > 0).all() and (betas <= 0.999).all()
     assert (ab[1:] < ab[:-1]).all() and ab[-1] < 1e-3
+
+
+def test_ddim_timesteps_start_at_the_top_and_end_at_zero():
+    from ddpm.samplers import ddim_timesteps
+
+    assert ddim_timesteps(512, 1).tolist() == [511]
+    assert ddim_timesteps(512, 2).tolist() == [511, 0]
+    assert ddim_timesteps(512, 512).tolist() == list(range(511, -1, -1))
+    steps = ddim_timesteps(512, 50).tolist()
+    assert len(steps) == 50 and steps[0] == 511 and steps[-1] == 0

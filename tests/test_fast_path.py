@@ -46,3 +46,41 @@ def test_compiled_and_eager_models_agree():
         eager = model(x, t)
         compiled = torch.compile(model)(x, t)
     assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_that_cannot_compile_runs_eager_and_later_errors_surface(monkeypatch):
+    import pytest
+
+    from ddpm import training
+
+    calls = {"n": 0}
+
+    def broken_compile(model):
+        def run(*args):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("no C++ compiler")
+            return model(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = UNet(MODEL).eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([1])
+    forward = training.maybe_compile(model, "on", torch.device("cpu"))
+    with pytest.warns(UserWarning, match="running eager"):
+        assert torch.equal(forward(x, t), model(x, t))
+    assert torch.equal(forward(x, t), model(x, t)) and calls["n"] == 1  # stays eager
+
+    def flaky_compile(model):
+        def run(*args):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise RuntimeError("CUDA out of memory")
+            return model(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    forward = training.maybe_compile(model, "on", torch.device("cpu"))
+    forward(x, t)  # the first call compiles fine
+    with pytest.raises(RuntimeError, match="out of memory"):
+        forward(x, t)

@@ -41,8 +41,9 @@ class ImageNoise:
 
 
 def ddim_timesteps(T: int, steps: int) -> torch.Tensor:
-    """`steps` of the T training steps, evenly spaced, descending, always ending at 0."""
-    return torch.from_numpy(np.unique(np.linspace(0, T - 1, steps).round().astype(np.int64))[::-1].copy())
+    """`steps` of the T training steps, evenly spaced, descending from T-1 to 0."""
+    picked = np.linspace(T - 1, 0, steps).round().astype(np.int64)
+    return torch.from_numpy(np.unique(picked)[::-1].copy())
 
 
 @torch.no_grad()

@@ -106,8 +106,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "order": self.order_gen.get_state(),
                "noise": self.noise_gen.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.noise_gen.device.type == "cuda":  # dropout on this process's GPU
+            rng["cuda"] = torch.cuda.get_rng_state(self.noise_gen.device)
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
                 "step": self.step, "history": self.history,
@@ -123,8 +123,8 @@ class TrainState:
         torch.set_rng_state(state["rng"]["torch"])
         self.order_gen.set_state(state["rng"]["order"])
         self.noise_gen.set_state(state["rng"]["noise"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if "cuda" in state["rng"] and self.noise_gen.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.noise_gen.device)
 
 
 @dataclass(frozen=True)
@@ -188,19 +188,24 @@ class _CompiledOrEager:
     """
 
     def __init__(self, model: nn.Module):
-        self.model, self.compiled = model, torch.compile(model)
+        self.model, self.compiled, self.proven = model, torch.compile(model), False
 
     def __call__(self, *args: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as err:  # noqa: BLE001 - compilation fails in many ways
-                import warnings
+        if self.compiled is None:
+            return self.model(*args)
+        if self.proven:  # later errors (OOM, NCCL) are real errors, not compile failures
+            return self.compiled(*args)
+        try:
+            out = self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - compilation fails in many ways
+            import warnings
 
-                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
-                              f"running eager", stacklevel=2)
-                self.compiled = None
-        return self.model(*args)
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                          f"running eager", stacklevel=2)
+            self.compiled = None
+            return self.model(*args)
+        self.proven = True
+        return out
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -239,8 +244,9 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
     Under torchrun every rank runs this with the same seed: the data order,
     t, noise and flips are drawn for the whole global batch on every rank,
     and each rank takes its own slice, so N ranks compute what one process
-    would on the same global batch (DDP averages the gradients). Callbacks
-    should be given on rank 0 only.
+    would on the same global batch (DDP averages the gradients) - exactly so
+    up to float rounding when model.dropout is 0; with dropout the ranks draw
+    their masks from the same seed. Callbacks should be given on rank 0 only.
     """
     # --- set up -----------------------------------------------------------
     rank, ranks = world()
