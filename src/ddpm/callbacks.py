@@ -45,22 +45,25 @@ class Progress:
 
     def __init__(self, epochs: int, steps_per_epoch: int, start_step: int):
         self.epochs, self.total, self.last_step = epochs, steps_per_epoch, start_step
-        self.bar = None
+        self.bar = self._open(start_step // steps_per_epoch + 1)
+
+    def _open(self, epoch: int):
+        from tqdm import tqdm
+
+        if epoch > self.epochs:
+            return None
+        return tqdm(total=self.total, desc=f"epoch {epoch}/{self.epochs}", unit="step")
 
     def on_log(self, row: dict[str, float]) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            epoch = int(row["step"] - 1) // self.total + 1
-            self.bar = tqdm(total=self.total, desc=f"epoch {epoch}/{self.epochs}", unit="step")
-        self.bar.update(int(row["step"]) - self.last_step)
+        if self.bar is not None:
+            self.bar.update(int(row["step"]) - self.last_step)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
         self.last_step = int(row["step"])
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         if self.bar is not None:
             self.bar.close()
-            self.bar = None
+        self.bar = self._open(summary.epoch + 1)
 
 
 class LossCsv:
