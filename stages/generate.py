@@ -14,7 +14,8 @@ from ddpm.diffusion import make_schedule
 from ddpm.generate import denoiser, generate_samples, write_figures
 from ddpm.preprocess import load_processed
 from ddpm.tracking import Tracker, select
-from ddpm.training import load_model, resolve_device
+from ddpm.device import resolve_device
+from ddpm.training import load_model
 
 
 def main() -> None:

@@ -20,8 +20,9 @@ from ddpm.config import ConfigError, flatten
 from ddpm.diffusion import make_schedule
 from ddpm.preprocess import load_processed
 from ddpm.tracking import ParamConflictError, Tracker, run_tags, select
-from ddpm.training import (NonFiniteLossError, final_weights, resolve_device, run_config,
-                           steps_per_epoch, train)
+from ddpm.device import resolve_device
+from ddpm.training import (NonFiniteLossError, final_weights, run_config, steps_per_epoch,
+                           train)
 from ddpm.unet import UNet, count_parameters
 
 TRAIN_SECTIONS = ("data", "preprocess", "diffusion", "model", "train")

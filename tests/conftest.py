@@ -1,11 +1,12 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from ddpm.demo import copy_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,13 +40,7 @@ def run_stage(name: str, *args: str, cwd: Path, check: bool = True, timeout: flo
 
 def make_dvc_project(dest: Path, overrides: dict) -> Path:
     """A scratch git + DVC repository holding the pipeline, with its own params.yaml."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "stages", "src"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dest / name)
+    copy_pipeline(REPO, dest)
     write_params(dest / "params.yaml", overrides)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

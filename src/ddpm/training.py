@@ -31,16 +31,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint was left intact."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"params.yaml: device {name!r} but CUDA is not available here; "
-                           f"use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def lr_at(step: int, epoch_steps: int, cfg: TrainConfig) -> float:
     """Linear warm-up for `warmup_epochs`, then cosine decay to lr * min_lr_ratio."""
     total = cfg.epochs * epoch_steps
