@@ -274,8 +274,7 @@ def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = "bf16" if bf16 else "fp32"
-    denoise = denoiser(maybe_compile(model, "on" if compiled else "off", device),
-                       device, precision)
+    denoise = denoiser(model, device, precision, "on" if compiled else "off")
     schedule = make_schedule(params.diffusion).to(device)
     size, T = params.preprocess.image_size, schedule.T
     ddim_steps = min(DDIM_STEPS, T)
@@ -295,7 +294,7 @@ def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts
                 raise
             say(f"  compile: unavailable for sampling ({_reason(err)}); sampling timed eager")
             torch._dynamo.reset()
-            denoise = denoiser(model, device, precision)
+            denoise = denoiser(model, device, precision, "off")
             step_s = time_sampler(sampler, denoise, schedule, batch, size, device, warmup, timed,
                                   params.generate.seed, **kwargs)
         ips = batch / (step_s * total)

@@ -12,6 +12,7 @@ at epoch ends; the running loss stays on the device in between.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -73,8 +74,9 @@ class EMA:
 
 
 def _clone_frozen(model: nn.Module) -> nn.Module:
-    clone = UNet(model.config).to(next(model.parameters()).device)
-    clone.load_state_dict(model.state_dict())
+    # A deep copy keeps the device and the memory format (channels-last on CUDA):
+    # foreach ops take their fast multi-tensor path only when the layouts match.
+    clone = copy.deepcopy(model)
     clone.eval().requires_grad_(False)
     return clone
 

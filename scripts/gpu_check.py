@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""What only a CUDA GPU can check, in one run: a lent GPU's time is short.
+
+    PYTHONPATH=src python3 scripts/gpu_check.py --out DIR [--only PART,...]
+        [--inception-standin FILE.pt.xz] [--set KEY=VALUE ...] [--device cpu]
+
+Needs torch, numpy, Pillow, PyYAML and tqdm; not DVC, MLflow or kaggle (the
+stages run as plain scripts, tracking off). Parts, most important first; each
+is guarded, so one failure is reported and the rest still run:
+
+  bench     `ddpm bench --full` for the repository's params (README "Speed").
+  agree     the seed U-Net on CUDA against an IEEE-fp32 reference: eager TF32,
+            eager bf16, compiled bf16 (what sampling runs), as relative errors.
+  stages    download -> preprocess -> train -> generate on synthetic data with
+            the seed model: the train stage under torchrun (NCCL) with the fast
+            path, resumed for one more epoch, and again in fp32 eager (the
+            seed's way) to compare the loss; per-epoch overheads (strip, checkpoint).
+  variants  training images/s at larger batches; the cost of per-image noise.
+
+`--inception-standin` is the FID network's TorchScript with its weights zeroed
+(xz-compressed, 40 kB instead of 87 MB, which is more than a device call may
+carry): its weights are refilled at random, so its features/s are the real
+network's, its features meaningless. Everything printed also goes to
+DIR/gpu_check.log; the figures to DIR/gpu_check.json. `--device cpu` with
+`--set` for a small model is a dry run of the script itself on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from ddpm import bench, fid  # noqa: E402
+from ddpm.config import apply_override, load_params, params_from_dict  # noqa: E402
+from ddpm.demo import copy_pipeline  # noqa: E402
+from ddpm.generate import denoiser  # noqa: E402
+from ddpm.samplers import ImageNoise  # noqa: E402
+from ddpm.unet import UNet  # noqa: E402
+
+PARTS = ("bench", "agree", "stages", "variants", "diag")
+DEVICE = torch.device("cuda")
+OVERRIDES: dict[str, Any] = {}  # --set, applied to the params of every part
+results: dict[str, Any] = {}
+log_lines: list[str] = []
+
+
+def say(message: str = "") -> None:
+    print(message, flush=True)
+    log_lines.append(message)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+# ---------------------------------------------------------------- inception stand-in
+
+
+def use_inception_standin(path: Path) -> None:
+    """Make `fid.load_inception` load the stand-in with random weights."""
+    unpacked = Path(tempfile.mkdtemp()) / "inception.pt"
+    unpacked.write_bytes(lzma.decompress(path.read_bytes()))
+
+    def load(device: Any = "auto") -> torch.nn.Module:
+        scripted = torch.jit.load(str(unpacked), map_location=torch.device(device))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in scripted.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            for b in scripted.buffers():
+                if b.is_floating_point():
+                    b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+        return fid.InceptionPool3(scripted.net.layers).eval().requires_grad_(False)
+
+    fid.load_inception = load
+    say("inception: the stand-in (the real graph, random weights): features/s are real, "
+        "features are not")
+
+
+# ---------------------------------------------------------------- parts
+
+
+def part_bench(params, out: Path) -> None:
+    figures = bench.run_bench(params, DEVICE, quick=DEVICE.type != "cuda",
+                              out_path=out / "bench.json", print_fn=say)
+    results["bench"] = figures["targets"]
+
+
+def part_agree(params, out: Path) -> None:
+    """Relative error of each fast-path variant against IEEE fp32 on the same input."""
+    device = DEVICE
+    torch.manual_seed(0)
+    model = UNet(params.model).to(device).eval().requires_grad_(False)
+    # The shape sampling compiles for (bench's compile is then a cache hit).
+    batch = params.generate.batch_size if device.type == "cuda" else 4
+    size = params.preprocess.image_size
+    gen = torch.Generator(device).manual_seed(1)
+    x = torch.randn(batch, 3, size, size, device=device, generator=gen)
+    t = torch.randint(0, params.diffusion.steps, (batch,), device=device, generator=gen)
+    with fid._full_fp32_convolutions(device), _ieee_matmul(), torch.no_grad():
+        ref = model(x, t)
+    with torch.no_grad():
+        tf32 = model(x, t)
+    eager_bf16 = denoiser(model, device, "bf16", "off")(x, t)
+    compiled = denoiser(model, device, "bf16", "on")
+    compiled(x, t)
+    compiled_bf16 = compiled(x, t)
+    fig = {"eager_tf32": rel(tf32, ref), "eager_bf16": rel(eager_bf16, ref),
+           "compiled_bf16": rel(compiled_bf16, ref),
+           "compiled_vs_eager_bf16": rel(compiled_bf16, eager_bf16)}
+    results["agree"] = fig
+    say(f"agree (batch {batch}, eval U-Net, ||out - ref|| / ||ref|| against IEEE fp32 eager):")
+    for k, v in fig.items():
+        say(f"  {k:<24} {v:.2e}")
+
+
+@contextlib.contextmanager
+def _ieee_matmul():
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+
+
+def _params_file(dest: Path, overrides: dict[str, Any]) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in {**OVERRIDES, **overrides}.items():
+        apply_override(raw, key, value)
+    params_from_dict(raw)
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _stage(project: Path, name: str, *args: str, torchrun: bool = False,
+           timeout: float = 600) -> float:
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", "1"] if torchrun else []),
+           f"stages/{name}.py", *args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(project / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    seconds = time.perf_counter() - start
+    tail = [line for line in (done.stdout + done.stderr).splitlines()
+            if line.strip() and "%|" not in line]
+    say(f"  {name}{' (torchrun, 1 process)' if torchrun else ''}: exit {done.returncode} "
+        f"in {seconds:.1f} s")
+    for line in tail[-8:]:
+        say(f"    | {line[:200]}")
+    if done.returncode:
+        raise RuntimeError(f"stage {name} failed with exit {done.returncode}")
+    return seconds
+
+
+TRAIN_ARGS = ("--data", "data/processed", "--model", "models/model.pt", "--checkpoints",
+              "models/checkpoints", "--reports", "reports", "--strips", "reports/strips")
+
+
+def part_stages(params, out: Path, epochs: int = 3) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ddpm-gpu-"))
+    images = 4096 if DEVICE.type == "cuda" else 256
+    common = {"data.source": "synthetic", "data.synthetic_count": images,
+              "train.epochs": epochs, "mlflow.enabled": False, "train.device": str(DEVICE),
+              "generate.device": str(DEVICE),
+              "generate.num_samples": 1000 if DEVICE.type == "cuda" else 32, "generate.sampler": "ddim", "generate.steps": 50}
+    fig: dict[str, Any] = {"images": images}
+    say(f"stages: seed model on {images} synthetic images, {epochs} epochs, in {root}")
+    fast, eager = root / "fast", root / "eager"
+    copy_pipeline(REPO, fast)
+    _params_file(fast, common)
+    fig["download_s"] = _stage(fast, "download", "--out", "data/raw")
+    fig["preprocess_s"] = _stage(fast, "preprocess", "--raw", "data/raw", "--out",
+                                 "data/processed")
+    fig["train_fast_s"] = _stage(fast, "train", *TRAIN_ARGS, torchrun=True)
+    report = json.loads((fast / "reports/train.json").read_text())
+    fig["train_fast_report"] = report
+    fig["resume"] = check_resume(fast, root / "resume")
+    fig["generate_s"] = _stage(fast, "generate", "--model", "models/model.pt", "--data",
+                               "data/processed", "--out", "data/generated", "--figures",
+                               "reports/figures", "--train-run", "reports/mlflow_run.json",
+                               "--run-file", "reports/mlflow_generate_run.json")
+    for name in ("samples.png", "reverse.png"):
+        shutil.copy(fast / "reports/figures" / name, out / f"stages_{name}")
+
+    copy_pipeline(REPO, eager)
+    _params_file(eager, {**common, "train.precision": "fp32", "train.compile": "off"})
+    shutil.copytree(fast / "data/processed", eager / "data/processed")
+    fig["train_eager_s"] = _stage(eager, "train", *TRAIN_ARGS, torchrun=True)
+    fig["train_eager_report"] = json.loads((eager / "reports/train.json").read_text())
+
+    fast_epochs = [e for e in _epochs(fast)][:epochs]
+    eager_epochs = _epochs(eager)
+    say("  epoch  loss fast  loss fp32-eager  rel diff   img/s fast  img/s eager")
+    for f, e in zip(fast_epochs, eager_epochs):
+        say(f"  {f['epoch']:>5}  {f['loss']:.5f}    {e['loss']:.5f}          "
+            f"{abs(f['loss'] - e['loss']) / e['loss']:7.2%}   {f['images_per_s']:>9,.0f}  "
+            f"{e['images_per_s']:>10,.0f}")
+    fig["epochs_fast"], fig["epochs_eager"] = fast_epochs, eager_epochs
+    results["stages"] = fig
+    part_overheads(fast, params, fig)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def check_resume(done: Path, project: Path) -> dict[str, Any]:
+    """SIGKILL the train stage once its first checkpoint exists, rerun it, and compare its
+    weights with the uninterrupted run's (`done`)."""
+    from ddpm import checkpoint
+
+    copy_pipeline(REPO, project)
+    shutil.copy(done / "params.yaml", project / "params.yaml")
+    shutil.copytree(done / "data/processed", project / "data/processed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(project / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # Without torchrun: its worker would outlive a SIGKILL of torchrun itself.
+    cmd = [sys.executable, "stages/train.py", *TRAIN_ARGS]
+    ckpt = project / "models/checkpoints/last.pt"
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    killed_at = checkpoint.load(ckpt)["epoch"] if ckpt.exists() else None
+    seconds = _stage(project, "train", *TRAIN_ARGS, torchrun=True)
+    a = checkpoint.load(done / "models/model.pt")
+    b = checkpoint.load(project / "models/model.pt")
+    fig: dict[str, Any] = {"killed_after_epoch": killed_at, "rerun_s": seconds}
+    for key in ("model", "ema"):
+        diffs = [float((a[key][k].float() - b[key][k].float()).abs().max()) for k in a[key]]
+        fig[f"{key}_max_abs_diff"] = max(diffs)
+    say(f"  resume: killed after epoch {killed_at}'s checkpoint, rerun to the end; "
+        f"max |w - w_uninterrupted|: raw {fig['model_max_abs_diff']:.2e}, "
+        f"EMA {fig['ema_max_abs_diff']:.2e}")
+    return fig
+
+
+def _epochs(project: Path) -> list[dict[str, Any]]:
+    from ddpm import checkpoint
+
+    return checkpoint.load(project / "models/checkpoints/last.pt")["epochs_done"]
+
+
+def part_overheads(project: Path, params, fig: dict[str, Any]) -> None:
+    """What each epoch adds besides its steps: the reverse strip and the checkpoint."""
+    from ddpm import checkpoint
+    from ddpm.callbacks import reverse_strip
+    from ddpm.diffusion import make_schedule
+
+    device = DEVICE
+    size = params.preprocess.image_size
+    saved = checkpoint.load(project / "models/checkpoints/last.pt")
+    model = UNet(params.model).to(device).eval().requires_grad_(False)
+    model.load_state_dict(saved["ema"]["model"])
+    schedule = make_schedule(params.diffusion).to(device)
+    reverse_strip(model, schedule, size, 0, device)
+    sync()
+    start = time.perf_counter()
+    reverse_strip(model, schedule, size, 0, device)
+    sync()
+    fig["strip_s"] = time.perf_counter() - start
+    path = project / "models/checkpoints/again.pt"
+    start = time.perf_counter()
+    checkpoint.save(path, saved)
+    fig["checkpoint_save_s"] = time.perf_counter() - start
+    fig["checkpoint_bytes"] = path.stat().st_size
+    say(f"  per-epoch extras: reverse strip ({schedule.T} eager steps) {fig['strip_s']:.2f} s; "
+        f"checkpoint {fig['checkpoint_bytes'] / 2**20:,.0f} MiB saved in "
+        f"{fig['checkpoint_save_s']:.2f} s")
+
+
+def part_variants(params, out: Path) -> None:
+    device = DEVICE
+    cuda = device.type == "cuda"
+    n = bench.Counts(3, 20, 2, 10, 8192, 10, 0) if cuda else bench.Counts(1, 2, 1, 2, 256, 2, 0)
+    fig: dict[str, Any] = {}
+    size = params.preprocess.image_size
+    for batch in ((128, 256) if cuda else (16,)):
+        trainer = bench.fast_trainer(params, device, batch)
+        figures, fallback = bench.measure_training(trainer, n, device)
+        flop = 3 * bench.forward_flops(trainer.model, size)
+        fig[f"train_batch_{batch}"] = {**figures, "tflops": figures["images_per_s"] * flop / 1e12}
+        say(f"variants: fast path at batch {batch}: {figures['images_per_s']:,.0f} img/s, "
+            f"{figures['images_per_s'] * flop / 1e12:,.0f} TFLOP/s"
+            + (f" (compile fell back: {fallback})" if fallback else ""))
+        del trainer
+        if cuda:
+            torch.cuda.empty_cache()
+    batch = params.generate.batch_size
+    for label, make in (("per-image generators", lambda: ImageNoise(0, range(batch), device)),
+                        ("one generator", None)):
+        gen = torch.Generator(device).manual_seed(0)
+        draw = (make().randn if make else
+                (lambda shape: torch.randn((batch, *shape), device=device, generator=gen)))
+        first, seconds = bench._time_loop(lambda: draw((3, size, size)), 5, 50, device)
+        fig[f"noise_{label}"] = seconds
+        say(f"variants: noise for one sampling step of {batch} images, {label}: "
+            f"{seconds * 1e3:.2f} ms")
+    results["variants"] = fig
+
+
+def part_diag(params, out: Path) -> None:
+    """Where a training step's time goes: cuDNN's algorithm choice (heuristics, or timed
+    with cudnn.benchmark), precision and layout in eager mode, a profile of the kernels,
+    then the compiled fast path."""
+    import dataclasses
+
+    device = DEVICE
+    cudnn = torch.backends.cudnn
+    info = {"cudnn_available": cudnn.is_available(), "cudnn_enabled": cudnn.enabled,
+            "cudnn_version": cudnn.version() if cudnn.is_available() else None}
+    say(f"diag: {info}")
+    fig: dict[str, Any] = {"info": info}
+    results["diag"] = fig
+    batch = params.train.batch_size
+    eager = dataclasses.replace(params, train=dataclasses.replace(params.train, compile="off"))
+    n = bench.Counts(3, 15, 0, 0, 0, 0, 0)
+    flop = 3 * bench.forward_flops(UNet(params.model), params.preprocess.image_size)
+    makers = {"eager fp32 (seed)": lambda: bench.eager_trainer(params, device, batch),
+              "eager bf16 channels_last": lambda: bench.fast_trainer(eager, device, batch)}
+    for benchmark in (False, True):
+        cudnn.benchmark = benchmark
+        for label, make in makers.items():
+            figures, _ = bench.measure_training(make(), n, device)
+            ips = figures["images_per_s"]
+            fig[f"{label} benchmark={benchmark}"] = ips
+            say(f"  cudnn.benchmark={benchmark!s:<5} {label:<26} {ips:>7,.0f} img/s "
+                f"{ips * flop / 1e12:6.1f} TFLOP/s")
+        model = fid.load_inception(device)
+        x = torch.rand(100, 3, 299, 299, device=device) * 255
+        with torch.inference_mode(), fid._full_fp32_convolutions(device):
+            _, sec = bench._time_loop(lambda: model(x), 3, 10, device)
+        fig[f"inception benchmark={benchmark}"] = 100 / sec
+        say(f"  cudnn.benchmark={benchmark!s:<5} {'inception fp32 batch 100':<26} "
+            f"{100 / sec:>7,.0f} img/s")
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+    cudnn.benchmark = False
+    for label, make in makers.items():
+        trainer = make()
+        for _ in range(3):
+            trainer.step()
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                trainer.step()
+            sync()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14,
+                                          max_name_column_width=70)
+        (out / f"profile_{label.split()[1]}.txt").write_text(table)
+        say(f"  profile, 3 steps, {label}, cudnn heuristics: ms per step, calls per step")
+        events = sorted(prof.key_averages(), key=_device_us, reverse=True)
+        for e in [e for e in events if _device_us(e) > 0][:14]:
+            say(f"    {_device_us(e) / 3e3:8.2f} ms {e.count / 3:6.0f}x  {e.key[:110]}")
+        fig[f"profile {label}"] = [(e.key[:110], _device_us(e) / 3e3)
+                                   for e in events[:14]]
+    for benchmark in (True,):
+        cudnn.benchmark = benchmark
+        figures, fallback = bench.measure_training(bench.fast_trainer(params, device, batch),
+                                                   bench.Counts(3, 20, 0, 0, 0, 0, 0), device)
+        ips = figures["images_per_s"]
+        fig[f"compiled benchmark={benchmark}"] = ips
+        say(f"  cudnn.benchmark={benchmark!s:<5} {'compiled fast path':<26} {ips:>7,.0f} img/s "
+            f"{ips * flop / 1e12:6.1f} TFLOP/s, first step {figures['first_step_s']:.0f} s")
+
+
+def _device_us(event: Any) -> float:
+    """Self device time of a profiler row (the attribute's name changed across torch)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", default=",".join(PARTS[:4]), help=f"comma-separated: {', '.join(PARTS)}")
+    p.add_argument("--inception-standin", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device; this script is for a GPU machine (--device cpu "
+                 "for a dry run)")
+    for item in args.set:
+        key, _, value = item.partition("=")
+        OVERRIDES[key] = yaml.safe_load(value)
+    args.out.mkdir(parents=True, exist_ok=True)
+    params = load_params(REPO / "params.yaml", OVERRIDES)
+    say(f"gpu_check: {bench.device_name(DEVICE)}; torch {torch.__version__}; "
+        f"CUDA {torch.version.cuda}; python {sys.version.split()[0]}")
+    with contextlib.suppress(Exception):
+        say(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                            "clocks.sm,clocks.max.sm,power.limit", "--format=csv"],
+                           capture_output=True, text=True, timeout=30).stdout.strip())
+    if args.inception_standin:
+        use_inception_standin(args.inception_standin)
+    parts: dict[str, Callable] = {"bench": part_bench, "agree": part_agree,
+                                  "stages": part_stages, "variants": part_variants,
+                                  "diag": part_diag}
+    for name in args.only.split(","):
+        say()
+        start = time.perf_counter()
+        try:
+            parts[name](params, args.out)
+            status = "ok"
+        except Exception:  # noqa: BLE001 - report and go on to the next part
+            status = "FAILED"
+            say(traceback.format_exc())
+        results.setdefault("parts", {})[name] = {"status": status,
+                                                 "seconds": time.perf_counter() - start}
+        say(f"[{name}] {status} in {time.perf_counter() - start:.0f} s")
+        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+        (args.out / "gpu_check.log").write_text("\n".join(log_lines) + "\n")
+    say()
+    say("summary: " + "; ".join(f"{k} {v['status']} {v['seconds']:.0f} s"
+                                for k, v in results["parts"].items()))
+
+
+if __name__ == "__main__":
+    main()
