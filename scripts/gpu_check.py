@@ -323,68 +323,85 @@ def part_variants(params, out: Path) -> None:
 
 
 def part_diag(params, out: Path) -> None:
-    """Where a training step's time goes: cuDNN's algorithm choice (heuristics, or timed
-    with cudnn.benchmark), precision and layout in eager mode, a profile of the kernels,
-    then the compiled fast path."""
+    """Where a training step's time goes, one variant at a time (same batch, random data).
+
+    First H200 run (2026-11-28, torch 2.11): eager fp32 855 img/s, eager bf16 channels-last
+    970, compiled bf16 channels-last 928-1,059; cudnn.benchmark changed nothing. Eager
+    steps were host-bound (~1,500 launches); eager bf16 channels-last spent 17 of its 48 ms
+    of GPU time in 943 layout/dtype copies around GroupNorm. The compiled step was not
+    profiled. This part tests those leads: contiguous layout, CUDA graphs, and a profile
+    of each compiled variant.
+    """
     import dataclasses
 
     device = DEVICE
     cudnn = torch.backends.cudnn
-    info = {"cudnn_available": cudnn.is_available(), "cudnn_enabled": cudnn.enabled,
-            "cudnn_version": cudnn.version() if cudnn.is_available() else None}
+    info = {"cudnn_available": cudnn.is_available(), "cudnn_version": cudnn.version()
+            if cudnn.is_available() else None}
     say(f"diag: {info}")
     fig: dict[str, Any] = {"info": info}
     results["diag"] = fig
     batch = params.train.batch_size
-    eager = dataclasses.replace(params, train=dataclasses.replace(params.train, compile="off"))
-    n = bench.Counts(3, 15, 0, 0, 0, 0, 0)
     flop = 3 * bench.forward_flops(UNet(params.model), params.preprocess.image_size)
-    makers = {"eager fp32 (seed)": lambda: bench.eager_trainer(params, device, batch),
-              "eager bf16 channels_last": lambda: bench.fast_trainer(eager, device, batch)}
-    for benchmark in (False, True):
-        cudnn.benchmark = benchmark
-        for label, make in makers.items():
-            figures, _ = bench.measure_training(make(), n, device)
-            ips = figures["images_per_s"]
-            fig[f"{label} benchmark={benchmark}"] = ips
-            say(f"  cudnn.benchmark={benchmark!s:<5} {label:<26} {ips:>7,.0f} img/s "
-                f"{ips * flop / 1e12:6.1f} TFLOP/s")
-        model = fid.load_inception(device)
-        x = torch.rand(100, 3, 299, 299, device=device) * 255
-        with torch.inference_mode(), fid._full_fp32_convolutions(device):
-            _, sec = bench._time_loop(lambda: model(x), 3, 10, device)
-        fig[f"inception benchmark={benchmark}"] = 100 / sec
-        say(f"  cudnn.benchmark={benchmark!s:<5} {'inception fp32 batch 100':<26} "
-            f"{100 / sec:>7,.0f} img/s")
-        (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
-    cudnn.benchmark = False
-    for label, make in makers.items():
+
+    def variant(**train):
+        return dataclasses.replace(params, train=dataclasses.replace(params.train, **train))
+
+    variants = [  # (label, trainer factory, compiled)
+        ("eager fp32 contiguous (seed)", lambda: bench.eager_trainer(params, device, batch), False),
+        ("eager bf16 channels_last", lambda: bench.fast_trainer(
+            variant(compile="off", channels_last="on"), device, batch), False),
+        ("eager bf16 contiguous", lambda: bench.fast_trainer(
+            variant(compile="off", channels_last="off"), device, batch), False),
+        ("compiled bf16 contiguous", lambda: bench.fast_trainer(
+            variant(compile="on", channels_last="off"), device, batch), True),
+        ("compiled bf16 channels_last", lambda: bench.fast_trainer(
+            variant(compile="on", channels_last="on"), device, batch), True),
+        ("compiled bf16 contiguous reduce-overhead", lambda: bench.fast_trainer(
+            variant(compile="on", channels_last="off", compile_mode="reduce-overhead"),
+            device, batch), True),
+    ]
+    for label, make, compiled in variants:
         trainer = make()
-        for _ in range(3):
+        figures, fallback = bench.measure_training(trainer, bench.Counts(3, 20, 0, 0, 0, 0, 0),
+                                                   device)
+        ips = figures["images_per_s"]
+        fig[label] = {"images_per_s": ips, "first_step_s": figures["first_step_s"],
+                      "fallback": fallback}
+        say(f"  {label:<42} {ips:>7,.0f} img/s {ips * flop / 1e12:6.1f} TFLOP/s  first step "
+            f"{figures['first_step_s']:.1f} s" + (f"  (fell back: {fallback})" if fallback else ""))
+        if compiled or label.startswith("eager bf16 contiguous"):
+            _profile(trainer, label, fig, out)
+        del trainer
+        torch.cuda.empty_cache()
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def _profile(trainer: Any, label: str, fig: dict[str, Any], out: Path, steps: int = 3) -> None:
+    """The kernels of `steps` training steps, by GPU time; GPU busy time against wall time
+    tells a host-bound step (launch overhead) from a GPU-bound one."""
+    sync()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
             trainer.step()
         sync()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                trainer.step()
-            sync()
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14,
-                                          max_name_column_width=70)
-        (out / f"profile_{label.split()[1]}.txt").write_text(table)
-        say(f"  profile, 3 steps, {label}, cudnn heuristics: ms per step, calls per step")
-        events = sorted(prof.key_averages(), key=_device_us, reverse=True)
-        for e in [e for e in events if _device_us(e) > 0][:14]:
-            say(f"    {_device_us(e) / 3e3:8.2f} ms {e.count / 3:6.0f}x  {e.key[:110]}")
-        fig[f"profile {label}"] = [(e.key[:110], _device_us(e) / 3e3)
-                                   for e in events[:14]]
-    for benchmark in (True,):
-        cudnn.benchmark = benchmark
-        figures, fallback = bench.measure_training(bench.fast_trainer(params, device, batch),
-                                                   bench.Counts(3, 20, 0, 0, 0, 0, 0), device)
-        ips = figures["images_per_s"]
-        fig[f"compiled benchmark={benchmark}"] = ips
-        say(f"  cudnn.benchmark={benchmark!s:<5} {'compiled fast path':<26} {ips:>7,.0f} img/s "
-            f"{ips * flop / 1e12:6.1f} TFLOP/s, first step {figures['first_step_s']:.0f} s")
+    wall = (time.perf_counter() - start) / steps
+    events = sorted(prof.key_averages(), key=_device_us, reverse=True)
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    busy = sum(_device_us(e) for e in kernels) / steps / 1e3
+    launches = sum(e.count for e in kernels) / steps
+    name = label.replace(" ", "_").replace("(", "").replace(")", "")
+    (out / f"profile_{name}.txt").write_text(prof.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=100))
+    say(f"    profiled: {busy:.1f} ms GPU kernels per step in {launches:.0f} launches, "
+        f"{wall * 1e3:.1f} ms wall per step (under the profiler)")
+    for e in kernels[:8]:
+        say(f"    {_device_us(e) / steps / 1e3:7.2f} ms {e.count / steps:5.0f}x  {e.key[:100]}")
+    fig[label]["profile"] = {"gpu_ms": busy, "launches": launches, "wall_ms": wall * 1e3,
+                             "top": [(e.key[:100], _device_us(e) / steps / 1e3)
+                                     for e in kernels[:8]]}
 
 
 def _device_us(event: Any) -> float:

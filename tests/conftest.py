@@ -1,8 +1,10 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -17,6 +19,14 @@ TINY = {
     "diffusion": {"steps": 40},
     "preprocess": {"image_size": 16},
 }
+
+
+def write_processed(out: Path, images: np.ndarray) -> Path:
+    """A processed-data folder (images.npy + manifest.json) as the preprocess stage writes it."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "images.npy", images)
+    (out / "manifest.json").write_text(json.dumps({"shape": list(images.shape), "sha256": "0" * 64}))
+    return out
 
 
 def write_params(path: Path, overrides: dict) -> Path:

@@ -102,7 +102,7 @@ def test_compile_and_inception_failures_are_reported_not_raised(monkeypatch):
     import ddpm.bench
     import ddpm.fid
 
-    def broken_compile(model, mode, device):
+    def broken_compile(model, mode, device, compile_mode="default"):
         if mode == "off":
             return model
 

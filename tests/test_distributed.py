@@ -8,16 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import REPO, TINY, write_params
+from conftest import REPO, TINY, write_params, write_processed
 from ddpm import checkpoint
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    data = tmp_path / "processed"
-    data.mkdir()
     images = np.random.default_rng(0).integers(0, 256, (32, 3, 16, 16), dtype=np.uint8)
-    np.save(data / "images.npy", images)
-    (data / "manifest.json").write_text('{"shape": [32, 3, 16, 16], "sha256": "%s"}' % ("0" * 64))
+    data = write_processed(tmp_path / "processed", images)
     overrides = {**TINY, "train": {"epochs": 2, "batch_size": 8, "device": "cpu", "compile": "off",
                                    "strip_every": 0, "log_every": 2, "warmup_epochs": 0,
                                    "lr": 1e-3},

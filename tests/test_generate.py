@@ -35,6 +35,27 @@ def test_samples_do_not_depend_on_batch_size_or_position():
         assert np.abs(one.astype(int) - other.astype(int)).mean() > 5
 
 
+def test_only_the_first_batch_size_runs_compiled(monkeypatch):
+    """Figures (a few images) and a last partial batch must not trigger recompiles."""
+    compiled_batches = []
+
+    def fake_compile(model, mode=None):
+        def run(x, t):
+            compiled_batches.append(x.shape[0])
+            return model(x, t)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model, schedule, device = tiny_model(), make_schedule(DIFFUSION), torch.device("cpu")
+    denoise = denoiser(model, device, precision="fp32", compile="on")
+    cfg = GenerateConfig(num_samples=5, sampler="ddim", steps=3, batch_size=2, seed=1)
+    samples = generate_samples(denoise, schedule, cfg, 16, device)
+    assert compiled_batches == [2] * 6  # two full batches of 3 steps; the last image eager
+    eager = generate_samples(denoiser(model, device, precision="fp32", compile="off"),
+                             schedule, cfg, 16, device)
+    assert np.array_equal(samples, eager)
+
+
 def test_figures_are_written(tmp_path):
     model, schedule, device = tiny_model(), make_schedule(DIFFUSION), torch.device("cpu")
     cfg = GenerateConfig(num_samples=4, sampler="ddim", steps=10, grid_size=4)

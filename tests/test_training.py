@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_stage, write_params
+from conftest import REPO, TINY, run_stage, write_params, write_processed
 from ddpm import checkpoint
 from ddpm.callbacks import Checkpointer
 from ddpm.config import DiffusionConfig, ModelConfig, TrainConfig
@@ -95,12 +95,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 
 
 def processed(tmp_path, n=256, size=16):
-    out = tmp_path / "processed"
-    out.mkdir()
-    array = images(n=n, size=size).numpy()
-    np.save(out / "images.npy", array)
-    (out / "manifest.json").write_text(json.dumps({"shape": list(array.shape), "sha256": "x" * 64}))
-    return out
+    return write_processed(tmp_path / "processed", images(n=n, size=size).numpy())
 
 
 def stage_args(workdir, data):

@@ -136,6 +136,10 @@ class TrainConfig:
     flip: bool = True  # random horizontal flips
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     compile: Literal["auto", "on", "off"] = "auto"  # auto = torch.compile on CUDA only
+    # torch.compile's mode when compiling: reduce-overhead replays CUDA graphs.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = channels-last on CUDA only
     nproc: int = 1  # processes for torchrun (one per GPU)
 
     def check(self, key: str) -> None:

@@ -22,15 +22,23 @@ from .training import autocast_for, maybe_compile
 def denoiser(model: torch.nn.Module, device: torch.device, precision: str = "auto",
              compile: str = "auto") -> Callable:
     """model(x_t, t) with training's fast-path rules (auto: bf16, channels-last and
-    torch.compile on CUDA; plain fp32 on a CPU); float32 out."""
+    torch.compile on CUDA; plain fp32 on a CPU); float32 out.
+
+    Only the first batch size seen runs compiled: the figures' few images and a
+    last partial batch run eager instead of paying a recompile (tens of seconds).
+    """
     autocast = autocast_for(device, precision)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    forward = maybe_compile(model, compile, device)
+    compiled = maybe_compile(model, compile, device)
+    compiled_batch: list[int] = []  # the batch size the compiled model serves
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        if not compiled_batch:
+            compiled_batch.append(x.shape[0])
+        forward = compiled if x.shape[0] == compiled_batch[0] else model
         with autocast:
             return forward(x, t).float()
 

@@ -109,6 +109,7 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _match_layouts(self.optimizer)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
         self.epochs_done = list(state["epochs_done"])
@@ -117,6 +118,16 @@ class TrainState:
         self.noise_gen.set_state(state["rng"]["noise"])
         if "cuda" in state["rng"] and self.noise_gen.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.noise_gen.device)
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer state its parameter's memory format: a checkpoint written with
+    another train.channels_last would otherwise pair mismatched layouts in fused Adam."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if (torch.is_tensor(value) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                state[key] = torch.empty_like(param).copy_(value)
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,8 @@ def run_config(diffusion: DiffusionConfig, model: ModelConfig, train: TrainConfi
                data_hash: str) -> dict[str, Any]:
     """What a checkpoint must match to be resumed exactly."""
     sticky = {k: v for k, v in as_dict(train).items()
-              if k not in ("device", "checkpoint_every", "strip_every", "log_every", "compile")}
+              if k not in ("device", "checkpoint_every", "strip_every", "log_every", "compile",
+                           "compile_mode", "channels_last")}
     return {"diffusion": as_dict(diffusion), "model": as_dict(model), "train": sticky,
             "data_hash": data_hash}
 
@@ -147,7 +159,7 @@ def run_config(diffusion: DiffusionConfig, model: ModelConfig, train: TrainConfi
 def build_state(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.seed)  # the initial weights and dropout
     model = UNet(model_cfg).to(device)
-    if device.type == "cuda":
+    if use_channels_last(device, cfg.channels_last):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
                                  fused=device.type == "cuda" or None)
@@ -165,11 +177,18 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def maybe_compile(model: nn.Module, mode: str, device: torch.device) -> Callable:
-    """torch.compile where asked (auto = on CUDA), falling back to eager if compiling fails."""
+def use_channels_last(device: torch.device, mode: str) -> bool:
+    """Whether the model and its inputs go channels-last (auto = on CUDA)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def maybe_compile(model: nn.Module, mode: str, device: torch.device,
+                  compile_mode: str = "default") -> Callable:
+    """torch.compile where asked (auto = on CUDA), falling back to eager if compiling fails;
+    `compile_mode` is torch.compile's mode (default, reduce-overhead, max-autotune, ...)."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model
-    return _CompiledOrEager(model)
+    return _CompiledOrEager(model, compile_mode)
 
 
 class _CompiledOrEager:
@@ -179,8 +198,9 @@ class _CompiledOrEager:
     unsupported op) to the first call, so that is where the fallback lives.
     """
 
-    def __init__(self, model: nn.Module):
-        self.model, self.compiled, self.proven = model, torch.compile(model), False
+    def __init__(self, model: nn.Module, mode: str = "default"):
+        self.model, self.mode, self.proven = model, mode, False
+        self.compiled = torch.compile(model, mode=None if mode == "default" else mode)
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
@@ -259,7 +279,8 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
         from torch.nn.parallel import DistributedDataParallel
 
         module = DistributedDataParallel(state.model, device_ids=[device] if device.type == "cuda" else None)
-    forward = maybe_compile(module, cfg.compile, device)
+    forward = maybe_compile(module, cfg.compile, device, cfg.compile_mode)
+    channels_last = use_channels_last(device, cfg.channels_last)
     autocast = autocast_for(device, cfg.precision)
     T = schedule.T
 
@@ -285,7 +306,7 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
             if cfg.flip:
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
             x_t = q_sample(schedule, x0, t, eps)
-            if device.type == "cuda":
+            if channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
 
             with autocast:
