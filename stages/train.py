@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--strips", type=Path, default=Path("reports/strips"))
     p.add_argument("--run-file", type=Path, default=Path("reports/mlflow_run.json"))
     args = p.parse_args()
+    stageutil.die_with_launcher()
     params = stageutil.load(args)
     cfg = params.train
 

@@ -1,8 +1,11 @@
 """torchrun with 2 gloo processes computes what one process does on the same global batch."""
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +50,44 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     print(f"mean |1 proc - 2 procs| {diff.mean():.3g}, mean |trained - init| {moved.mean():.3g}")
     assert diff.mean() < 0.01 * moved.mean()
     assert diff.max() < 0.1 * moved.max()
+
+
+def test_a_killed_torchrun_takes_its_worker_with_it_and_the_run_resumes(tmp_path):
+    """SIGKILL to torchrun alone (a killed `dvc repro`) must not leave training running."""
+    images = np.random.default_rng(0).integers(0, 256, (256, 3, 16, 16), dtype=np.uint8)
+    data = write_processed(tmp_path / "processed", images)
+    params = write_params(tmp_path / "params.yaml", {
+        **TINY, "train": {"epochs": 10, "batch_size": 8, "device": "cpu", "compile": "off",
+                          "strip_every": 0}, "mlflow": {"enabled": False}})
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "1",
+           str(REPO / "stages" / "train.py"), "--params", str(params), "--data", str(data)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "models" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert ckpt.exists(), "no checkpoint was written"
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+
+    def workers() -> list[str]:
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if str(params) in line]
+
+    deadline = time.time() + 3  # the whole run takes over 10 s
+    while workers() and time.time() < deadline:
+        time.sleep(0.1)
+    orphans = workers()
+    for line in orphans:  # so that a failure does not leave it training beside later tests
+        os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert not orphans
+    assert not (tmp_path / "models" / "model.pt").exists()  # it did not train on unseen
+    epoch = checkpoint.load(ckpt)["epoch"]
+    assert 1 <= epoch < 10
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming from models/checkpoints/last.pt at epoch {epoch}" in done.stdout
+    assert checkpoint.load(tmp_path / "models" / "model.pt")["epoch"] == 10

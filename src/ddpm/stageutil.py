@@ -26,6 +26,24 @@ def load(args: argparse.Namespace) -> Params:
     return load_params(args.params)
 
 
+def die_with_launcher() -> None:
+    """Under torchrun on Linux: end this worker when the launcher dies, even by SIGKILL.
+
+    torchrun's workers otherwise outlive it: a killed `dvc repro` would leave
+    training running, writing the checkpoint a rerun is also writing.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
