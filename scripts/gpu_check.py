@@ -463,6 +463,9 @@ def main() -> None:
     say()
     say("summary: " + "; ".join(f"{k} {v['status']} {v['seconds']:.0f} s"
                                 for k, v in results["parts"].items()))
+    (args.out / "gpu_check.log").write_text("\n".join(log_lines) + "\n")
+    if any(v["status"] != "ok" for v in results["parts"].values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""scripts/gpu_check.py, the script a session lent a GPU runs, dry-run on the CPU so it
+does not rot between GPU sessions (its CUDA figures are not checked here)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+TINY_SETS = ["preprocess.image_size=16", "model.channels=[32,64]", "model.attention=[false,true]",
+             "model.blocks_per_level=1", "model.dropout=0.0", "diffusion.steps=20",
+             "train.batch_size=8", "generate.batch_size=4"]
+
+
+def test_gpu_check_runs_its_parts_on_a_cpu(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(tmp_path),
+           "--device", "cpu", "--only", "agree,variants"]
+    for item in TINY_SETS:
+        cmd += ["--set", item]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {k: v["status"] for k, v in results["parts"].items()} == {"agree": "ok",
+                                                                     "variants": "ok"}
+    agree = results["agree"]
+    assert agree["eager_tf32"] == 0  # no TF32 on a CPU: the reference itself
+    assert 0 < agree["eager_bf16"] < 0.05 and 0 < agree["compiled_bf16"] < 0.05
+    assert results["variants"]["train_batch_16"]["images_per_s"] > 0
+    assert "summary: agree ok" in (tmp_path / "gpu_check.log").read_text()
