@@ -3,25 +3,30 @@
 
     PYTHONPATH=src python3 scripts/gpu_check.py --out DIR [--only PART,...]
         [--inception-standin FILE.pt.xz] [--set KEY=VALUE ...] [--device cpu]
+    python3 scripts/gpu_check.py --write-standin FILE.pt.xz   (here, before a device call)
 
 Needs torch, numpy, Pillow, PyYAML and tqdm; not DVC, MLflow or kaggle (the
-stages run as plain scripts, tracking off). Parts, most important first; each
-is guarded, so one failure is reported and the rest still run:
+stages run as plain scripts, tracking off); clean-fid for the bench's
+end-to-end FID features (carry its pure-Python wheel). Parts, each guarded,
+so one failure is reported and the rest still run (default: the first four):
 
   bench     `ddpm bench --full` for the repository's params (README "Speed").
   agree     the seed U-Net on CUDA against an IEEE-fp32 reference: eager TF32,
             eager bf16, compiled bf16 (what sampling runs), as relative errors.
   stages    download -> preprocess -> train -> generate on synthetic data with
-            the seed model: the train stage under torchrun (NCCL) with the fast
-            path, resumed for one more epoch, and again in fp32 eager (the
-            seed's way) to compare the loss; per-epoch overheads (strip, checkpoint).
+            the seed model: the train stage under torchrun (one process, so no
+            NCCL) with the fast path; killed after its first checkpoint and rerun
+            (weights against the uninterrupted run); again in fp32 eager to
+            compare the loss; per-epoch overheads (strip, checkpoint).
   variants  training images/s at larger batches; the cost of per-image noise.
+  diag      each fast-path variant timed and profiled (see part_diag).
 
 `--inception-standin` is the FID network's TorchScript with its weights zeroed
 (xz-compressed, 40 kB instead of 87 MB, which is more than a device call may
-carry): its weights are refilled at random, so its features/s are the real
-network's, its features meaningless. Everything printed also goes to
-DIR/gpu_check.log; the figures to DIR/gpu_check.json. `--device cpu` with
+carry; `--write-standin` makes it from the installed weights): its weights are
+refilled at random, so its features/s are the real network's, its features
+meaningless. Everything printed also goes to DIR/gpu_check.log; the figures to
+DIR/gpu_check.json; the exit status is 1 if a part failed. `--device cpu` with
 `--set` for a small model is a dry run of the script itself on a CPU.
 """
 
@@ -76,6 +81,19 @@ def sync() -> None:
 
 
 # ---------------------------------------------------------------- inception stand-in
+
+
+def write_standin(path: Path) -> None:
+    """The installed FID network with every weight zeroed, xz-compressed (for carrying)."""
+    scripted = torch.jit.load(str(fid.verified_weights()), map_location="cpu")
+    with torch.no_grad():
+        for tensor in [*scripted.parameters(), *scripted.buffers()]:
+            if tensor.is_floating_point():
+                tensor.zero_()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.jit.save(scripted, f"{tmp}/inception.pt")
+        path.write_bytes(lzma.compress(Path(f"{tmp}/inception.pt").read_bytes()))
+    print(f"{path}: {path.stat().st_size:,} bytes")
 
 
 def use_inception_standin(path: Path) -> None:
@@ -419,12 +437,19 @@ def _device_us(event: Any) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--write-standin", type=Path, metavar="FILE.pt.xz",
+                   help="write the zeroed FID network for --inception-standin, then exit")
     p.add_argument("--only", default=",".join(PARTS[:4]), help=f"comma-separated: {', '.join(PARTS)}")
     p.add_argument("--inception-standin", type=Path)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
+    if args.write_standin:
+        write_standin(args.write_standin)
+        return
+    if args.out is None:
+        p.error("--out is required")
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
