@@ -172,15 +172,19 @@ def _params_file(dest: Path, overrides: dict[str, Any]) -> None:
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def _env(project: Path) -> dict[str, str]:
+    """The environment a stage runs in: the project's own src first."""
+    path = [str(project / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1"}
+
+
 def _stage(project: Path, name: str, *args: str, torchrun: bool = False,
            timeout: float = 600) -> float:
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone",
                               "--nproc_per_node", "1"] if torchrun else []),
            f"stages/{name}.py", *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(project / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
+    done = subprocess.run(cmd, cwd=project, env=_env(project), capture_output=True, text=True,
                           timeout=timeout)
     seconds = time.perf_counter() - start
     tail = [line for line in (done.stdout + done.stderr).splitlines()
@@ -251,12 +255,10 @@ def check_resume(done: Path, project: Path) -> dict[str, Any]:
     copy_pipeline(REPO, project)
     shutil.copy(done / "params.yaml", project / "params.yaml")
     shutil.copytree(done / "data/processed", project / "data/processed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(project / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     # Without torchrun: its worker would outlive a SIGKILL of torchrun itself.
     cmd = [sys.executable, "stages/train.py", *TRAIN_ARGS]
     ckpt = project / "models/checkpoints/last.pt"
-    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=project, env=_env(project), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     while not ckpt.exists() and proc.poll() is None:
         time.sleep(0.05)

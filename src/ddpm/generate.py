@@ -31,14 +31,15 @@ def denoiser(model: torch.nn.Module, device: torch.device, precision: str = "aut
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     compiled = maybe_compile(model, compile, device)
-    compiled_batch: list[int] = []  # the batch size the compiled model serves
+    compiled_batch: Optional[int] = None  # the batch size the compiled model serves
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal compiled_batch
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        if not compiled_batch:
-            compiled_batch.append(x.shape[0])
-        forward = compiled if x.shape[0] == compiled_batch[0] else model
+        if compiled_batch is None:
+            compiled_batch = x.shape[0]
+        forward = compiled if x.shape[0] == compiled_batch else model
         with autocast:
             return forward(x, t).float()
 

@@ -195,6 +195,19 @@ def _not_found(err: Exception) -> bool:
     return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
+def _existing_run(client: Any, run_id: Optional[str], uri: str) -> Any:
+    """The run, or None (saying so) when the store does not hold it."""
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except Exception as err:
+        if not _not_found(err):
+            raise
+        _say(f"run {run_id} is not in {public_uri(uri)}; starting a new run")
+        return None
+
+
 def _ensure_experiment(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -453,18 +466,11 @@ class Tracker:
 
     def _open_run(self, client: Any, run_id: Optional[str], run_name: Optional[str],
                   tags: dict[str, str]) -> Any:
-        if run_id:
-            try:
-                run = client.get_run(run_id)
-            except Exception as err:
-                if not _not_found(err):
-                    raise
-                _say(f"run {run_id} is not in {public_uri(self.uri)}; starting a new run")
-            else:
-                client.update_run(run_id, status="RUNNING")
-                if tags:
-                    _apply(client, run_id, {"op": "tags", "tags": tags})
-                return client.get_run(run_id)
+        if _existing_run(client, run_id, self.uri) is not None:
+            client.update_run(run_id, status="RUNNING")
+            if tags:
+                _apply(client, run_id, {"op": "tags", "tags": tags})
+            return client.get_run(run_id)
         experiment_id = _ensure_experiment(client, self.config.experiment, self.uri)
         return client.create_run(experiment_id, tags=_with_context_tags(tags),
                                  run_name=run_name)
@@ -653,14 +659,7 @@ def run_for_evaluation(source_run_file: str | Path, params: Mapping[str, Any],
 
 def _run_for(client: Any, config: MlflowConfig, uri: str, source_id: Optional[str],
              wanted: dict[str, str]) -> Any:
-    source = None
-    if source_id:
-        try:
-            source = client.get_run(source_id)
-        except Exception as err:
-            if not _not_found(err):
-                raise
-            _say(f"run {source_id} is not in {public_uri(uri)}; starting a new run")
+    source = _existing_run(client, source_id, uri)
     if source is not None:
         held = source.data.params
         if all(held.get(key, value) == value for key, value in wanted.items()):
