@@ -39,7 +39,7 @@ def test_only_the_first_batch_size_runs_compiled(monkeypatch):
     """Figures (a few images) and a last partial batch must not trigger recompiles."""
     compiled_batches = []
 
-    def fake_compile(model, mode=None):
+    def fake_compile(model, mode=None, dynamic=None):
         def run(x, t):
             compiled_batches.append(x.shape[0])
             return model(x, t)

@@ -148,3 +148,52 @@ def test_a_checkpoint_from_other_settings_is_not_reused(tmp_path):
     assert "not resuming" in done.stdout and "model.dropout" in done.stdout
     report = json.loads((tmp_path / "w" / "reports" / "train.json").read_text())
     assert report["epochs"] == 1 and report["steps"] == 2
+
+
+def slow_saves(monkeypatch, seconds=0.5):
+    """Make checkpoint writes slow enough that the training thread runs on meanwhile."""
+    real = checkpoint.save
+
+    def save(path, payload):
+        time.sleep(seconds)
+        real(path, payload)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+
+
+def test_a_background_checkpoint_holds_the_state_of_its_call(tmp_path, monkeypatch):
+    slow_saves(monkeypatch)
+    weights = torch.arange(6.0).view(2, 3)
+    history = [{"loss": 1.0}]
+    saver = checkpoint.BackgroundSaver()
+    saver.save(tmp_path / "a.pt", {"w": weights, "history": history})
+    weights += 100  # training goes on while the thread writes
+    history.append({"loss": 0.5})
+    saver.save(tmp_path / "b.pt", {"w": weights, "history": history})  # refills the buffers
+    weights += 100
+    saver.wait()
+    a, b = checkpoint.load(tmp_path / "a.pt"), checkpoint.load(tmp_path / "b.pt")
+    assert torch.equal(a["w"], torch.arange(6.0).view(2, 3)) and a["history"] == [{"loss": 1.0}]
+    assert torch.equal(b["w"], torch.arange(6.0).view(2, 3) + 100) and len(b["history"]) == 2
+
+
+def test_a_failed_background_write_is_raised_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    saver = checkpoint.BackgroundSaver()
+    saver.save(path, {"epoch": 1})
+    saver.wait()
+    saver.save(path, {"epoch": 2, "bad": lambda: None})  # torch.save cannot pickle a lambda
+    with pytest.raises(checkpoint.CheckpointWriteError, match="previous checkpoint was left"):
+        saver.wait()
+    assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+    saver.wait()  # the error was reported once
+
+
+def test_train_waits_for_the_last_checkpoint_before_returning(tmp_path, monkeypatch):
+    slow_saves(monkeypatch)
+    path = tmp_path / "last.pt"
+    state = train(images(), DIFFUSION, MODEL, cfg(epochs=2), device=torch.device("cpu"),
+                  callbacks=(Checkpointer(path, {"run": 1}, every=1, epochs=2),))
+    saved = checkpoint.load(path)  # no wait here: train() has closed the checkpointer
+    assert saved["epoch"] == 2 and saved["step"] == state.step

@@ -15,7 +15,7 @@ import torch
 from . import atomic, checkpoint
 from .diffusion import Schedule
 from .images import save_strip, to_uint8
-from .samplers import ImageNoise, sample_with_frames
+from .samplers import Denoiser, ImageNoise, sample_with_frames
 from .training import EpochSummary, TrainState
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
@@ -31,12 +31,13 @@ def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
     atomic.write_text(path, buf.getvalue())
 
 
-def reverse_strip(model: torch.nn.Module, schedule: Schedule, image_size: int, seed: int,
+def reverse_strip(denoise: Denoiser, schedule: Schedule, image_size: int, seed: int,
                   device: torch.device, rows: int = 1, frames: int = 9) -> list[torch.Tensor]:
-    """The seed's reverse strip: x_T and every T/8-th step, from fixed noise maps."""
+    """The seed's reverse strip: x_T and every T/8-th step, from fixed noise maps.
+    `denoise` is the model itself or `generate.denoiser` of it (the fast path)."""
     noise = ImageNoise(seed, range(rows), device)
     x_T = noise.randn((3, image_size, image_size))
-    kept = sample_with_frames("ddpm", model, schedule, x_T, noise, frames=frames)
+    kept = sample_with_frames("ddpm", denoise, schedule, x_T, noise, frames=frames)
     return [to_uint8(x) for x in kept]
 
 
@@ -78,14 +79,21 @@ class LossCsv:
 
 
 class Strips:
-    """A reverse-diffusion strip with the EMA model every `every` epochs (and the last)."""
+    """A reverse-diffusion strip with the EMA model every `every` epochs (and the last).
+
+    The strip runs T batch-1 model calls, twice as many as the seed's epoch has
+    training steps: `fast(model)` wraps the EMA model for them once, e.g. with
+    `generate.denoiser` (bf16, compiled on CUDA); by default it is called as is.
+    """
 
     def __init__(self, out_dir: Path, schedule: Schedule, image_size: int, seed: int,
                  every: int, epochs: int, device: torch.device,
-                 on_saved: Optional[Callable[[Path, int], None]] = None):
+                 on_saved: Optional[Callable[[Path, int], None]] = None,
+                 fast: Callable[[torch.nn.Module], Denoiser] = lambda model: model):
         self.out_dir, self.schedule, self.image_size = out_dir, schedule, image_size
         self.seed, self.every, self.epochs, self.device = seed, every, epochs, device
-        self.on_saved = on_saved
+        self.on_saved, self.fast = on_saved, fast
+        self.denoise: Optional[Denoiser] = None
 
     def on_log(self, row: dict[str, float]) -> None:
         pass
@@ -93,7 +101,9 @@ class Strips:
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         if not self.every or (summary.epoch % self.every and summary.epoch != self.epochs):
             return
-        frames = reverse_strip(state.ema.model, self.schedule, self.image_size, self.seed,
+        if self.denoise is None:  # the EMA model is updated in place: wrapped once
+            self.denoise = self.fast(state.ema.model)
+        frames = reverse_strip(self.denoise, self.schedule, self.image_size, self.seed,
                                self.device)
         path = self.out_dir / f"reverse_epoch{summary.epoch:04d}.png"
         save_strip(frames, path)
@@ -102,12 +112,14 @@ class Strips:
 
 
 class Checkpointer:
-    """The full training state every `every` epochs and after the last one."""
+    """The full training state every `every` epochs and after the last one, written in
+    the background (`checkpoint.BackgroundSaver`); `close()` waits for the last write."""
 
     def __init__(self, path: Path, run_config: dict[str, Any], every: int, epochs: int,
                  extra: Optional[dict[str, Any]] = None):
         self.path, self.run_config, self.every, self.epochs = path, run_config, every, epochs
         self.extra = extra or {}  # e.g. the tracking run id, so a resume continues that run
+        self.saver = checkpoint.BackgroundSaver()
 
     def on_log(self, row: dict[str, float]) -> None:
         pass
@@ -115,7 +127,10 @@ class Checkpointer:
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         if summary.epoch % self.every and summary.epoch != self.epochs:
             return
-        checkpoint.save(self.path, {"run": self.run_config, **self.extra, **state.state_dict()})
+        self.saver.save(self.path, {"run": self.run_config, **self.extra, **state.state_dict()})
+
+    def close(self) -> None:
+        self.saver.wait()
 
 
 class EpochLog:

@@ -16,11 +16,12 @@ from .config import GenerateConfig
 from .diffusion import Schedule
 from .images import save_gif, save_grid, save_strip, to_model, to_uint8
 from .samplers import ImageNoise, forward_frames, get_sampler, sample_with_frames, sampler_steps
-from .training import autocast_for, maybe_compile
+from .training import autocast_for, maybe_compile, use_channels_last
 
 
 def denoiser(model: torch.nn.Module, device: torch.device, precision: str = "auto",
-             compile: str = "auto") -> Callable:
+             compile: str = "auto", compile_mode: str = "default",
+             channels_last: str = "auto") -> Callable:
     """model(x_t, t) with training's fast-path rules (auto: bf16, channels-last and
     torch.compile on CUDA; plain fp32 on a CPU); float32 out.
 
@@ -28,14 +29,15 @@ def denoiser(model: torch.nn.Module, device: torch.device, precision: str = "aut
     last partial batch run eager instead of paying a recompile (tens of seconds).
     """
     autocast = autocast_for(device, precision)
-    if device.type == "cuda":
+    to_channels_last = use_channels_last(device, channels_last)
+    if to_channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compiled = maybe_compile(model, compile, device)
+    compiled = maybe_compile(model, compile, device, compile_mode)
     compiled_batch: Optional[int] = None  # the batch size the compiled model serves
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         nonlocal compiled_batch
-        if device.type == "cuda":
+        if to_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if compiled_batch is None:
             compiled_batch = x.shape[0]

@@ -142,6 +142,10 @@ class EpochSummary:
 
 
 class Callback(Protocol):
+    """Called at the logging cadence and at each epoch end. A callback with work still
+    running in the background (a checkpoint being written) also has `close()`, which
+    `train` calls when it returns or raises."""
+
     def on_log(self, row: dict[str, float]) -> None: ...
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None: ...
 
@@ -196,15 +200,26 @@ class _CompiledOrEager:
 
     torch.compile defers all its work (and its failures: no compiler, an
     unsupported op) to the first call, so that is where the fallback lives.
+    Shapes are static (`dynamic=False`): training drops its last partial batch
+    and a denoiser compiles one batch size, so a second compile of UNet.forward
+    (the EMA model's strips, sampling after training in `ddpm bench`) gets its
+    own static graph instead of torch's automatic switch to a symbolic batch.
     """
+
+    CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
     def __init__(self, model: nn.Module, mode: str = "default"):
         self.model, self.mode, self.proven = model, mode, False
-        self.compiled = torch.compile(model, mode=None if mode == "default" else mode)
+        self.compiled = torch.compile(model, mode=None if mode == "default" else mode,
+                                      dynamic=False)
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.model(*args)
+        if self.mode in self.CUDA_GRAPH_MODES:
+            # Each call is a new step for CUDA graph trees: the previous call's outputs
+            # have been used (a training step's backward, a sampler step's update).
+            torch.compiler.cudagraph_mark_step_begin()
         if self.proven:  # later errors (OOM, NCCL) are real errors, not compile failures
             return self.compiled(*args)
         try:
@@ -260,6 +275,18 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
     up to float rounding when model.dropout is 0; with dropout the ranks draw
     their masks from the same seed. Callbacks should be given on rank 0 only.
     """
+    try:
+        return _train(images, diffusion_cfg, model_cfg, cfg, device, resume, callbacks)
+    finally:  # e.g. the last checkpoint is on disk before anything reads it
+        for cb in callbacks:
+            close = getattr(cb, "close", None)
+            if close is not None:
+                close()
+
+
+def _train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: ModelConfig,
+           cfg: TrainConfig, device: torch.device, resume: Optional[dict[str, Any]],
+           callbacks: tuple[Callback, ...]) -> TrainState:
     # --- set up -----------------------------------------------------------
     rank, ranks = world()
     state = build_state(model_cfg, cfg, device)
