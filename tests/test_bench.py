@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from ddpm.bench import Counts, run_bench
+from ddpm.bench import Counts, project_stage, run_bench
 from ddpm.config import params_from_dict
+from ddpm.unet import UNet
 
 TINY = {
     "model": {"channels": [32, 64], "attention": [False, True], "blocks_per_level": 1,
@@ -88,12 +89,44 @@ def test_ratio_is_fast_over_eager(bench):
     assert fast["mfu"] == pytest.approx(fast["tflops"] / result["peak"]["tflops"])
 
 
+def test_the_stage_projection_adds_strips_and_checkpoint_waits_to_the_steps(bench):
+    result = bench[0]
+    train, extras = result["train"], result["train"]["epoch_end"]
+    assert extras["strip_seconds"] == pytest.approx(20 * extras["strip_step_s"])  # T = 20
+    assert extras["checkpoint_bytes"] > 4 * sum(p.numel() for p in UNet(
+        params_from_dict(TINY).model).parameters())  # weights, EMA and two Adam moments, fp32
+    projected = train["projected"]
+    assert projected["steps_seconds"] == pytest.approx(300 * (16_185 // 4) * train["fast"]["step_s"])
+    assert projected["strip_seconds"] == pytest.approx(300 * extras["strip_seconds"])
+    assert projected["seconds"] == pytest.approx(
+        projected["steps_seconds"] + projected["strip_seconds"] + projected["checkpoint_seconds"])
+    assert result["targets"]["train_seconds"]["value"] == projected["seconds"]
+
+
+def test_the_projection_follows_the_strip_and_checkpoint_cadence():
+    extras = {"strip_seconds": 2.0, "checkpoint_stall_s": 0.1, "checkpoint_write_s": 3.0}
+    step_s = 1 / (16_185 // 64)  # one second per epoch of batch 64
+
+    def project(**train):
+        return project_stage(step_s, 64, extras, params_from_dict({"train": train}).train)
+
+    every = project(strip_every=1, checkpoint_every=1)
+    assert every["steps_seconds"] == pytest.approx(300)
+    assert every["strip_seconds"] == pytest.approx(600)
+    # A 3 s write, 1 s of steps to the next checkpoint: each save waits 0.1 + 2 s.
+    assert every["checkpoint_seconds"] == pytest.approx(300 * 2.1)
+    sparse = project(strip_every=0, checkpoint_every=7)
+    assert sparse["strip_seconds"] == 0
+    assert sparse["checkpoint_seconds"] == pytest.approx((300 // 7 + 1) * 0.1)  # and the last
+
+
 def test_files_hold_the_figures_and_the_printout(bench):
     result, out, lines = bench
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     text = out.with_suffix(".txt").read_text()
     assert text.splitlines() == lines
     assert "eager fp32" in text and "DDPM-20" in text and "DDIM-20" in text
+    assert "reverse strip: 20 batch-1 steps" in text and "a synchronous save waits" in text
     assert "PASS" not in text and "MISS" not in text  # verdicts are for GPUs only
     assert "lowered" not in text  # batches 4 and 2 are within the CPU's caps
 

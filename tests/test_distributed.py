@@ -49,7 +49,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     moved = torch.cat([(one[k] - init[k]).abs().flatten() for k in one])
     print(f"mean |1 proc - 2 procs| {diff.mean():.3g}, mean |trained - init| {moved.mean():.3g}")
     assert diff.mean() < 0.01 * moved.mean()
-    assert diff.max() < 0.1 * moved.max()
+    # A few weights with near-zero gradients may move by up to lr per step either way in
+    # each run: an Intel Xeon measured 71 of 596,547 weights off by more than 10 % of the
+    # mean move (the largest by 30 %). A sharding or averaging bug moves most of them.
+    assert (diff > 0.1 * moved.mean()).float().mean() < 1e-3
 
 
 def test_a_killed_torchrun_takes_its_worker_with_it_and_the_run_resumes(tmp_path):

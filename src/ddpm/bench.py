@@ -6,7 +6,11 @@ Adam, EMA, samplers, Inception):
 - training images/s and TFLOP/s of the fast path and of plain eager float32
   (the seed's way), and their ratio;
 - MFU: achieved TFLOP/s over a dense matmul peak measured in the same run;
-- the projected time of 300 epochs of the 16,185 Stanford Cars images;
+- what the train stage adds at an epoch's end: the reverse strip and the time
+  training waits for a checkpoint (and what a synchronous save would wait);
+- the projected time of the train stage for 300 epochs of the 16,185 Stanford
+  Cars images: steps at the fast rate, plus strips and checkpoint waits at the
+  params' cadence;
 - sampling images/s for DDPM over all T steps and DDIM-50, timed over a few
   steps of one batch and extrapolated to the full step count;
 - Inception features/s (FID), and peak memory.
@@ -26,6 +30,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +38,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import atomic
+from . import atomic, checkpoint
 from .config import Params
 from .diffusion import Schedule, loss_per_image, make_schedule, q_sample
 from .generate import denoiser
@@ -247,7 +252,7 @@ class _Enough(Exception):
 
 
 def time_sampler(sampler: Callable, denoise: Callable, schedule: Schedule, batch: int, size: int,
-                 device: torch.device, warmup: int, timed: int, seed: int, **kwargs) -> float:
+                 device: torch.device, warmup: int, timed: int, seed: int, **kwargs: Any) -> float:
     """Mean seconds per reverse step of the real sampler on one batch, after `warmup` steps.
 
     The sampler is stopped from its callback once the `timed` steps are done.
@@ -268,6 +273,22 @@ def time_sampler(sampler: Callable, denoise: Callable, schedule: Schedule, batch
     return (marks[warmup + timed - 1] - marks[warmup - 1]) / timed
 
 
+def _time_denoiser(make: Callable[[bool], Callable], compiled: bool, say: Callable[[str], None],
+                   what: str, **timing: Any) -> tuple[float, Callable]:
+    """(`time_sampler` seconds per step, the denoiser timed): `make(compiled)` builds the
+    denoiser; if compiling it fails, that is said and it is timed eager."""
+    denoise = make(compiled)
+    try:
+        return time_sampler(denoise=denoise, **timing), denoise
+    except Exception as err:  # noqa: BLE001 - compiling the eval model failed
+        if not compiled:
+            raise
+        say(f"  compile: unavailable for {what} ({_reason(err)}); {what} timed eager")
+        torch._dynamo.reset()
+        denoise = make(False)
+        return time_sampler(denoise=denoise, **timing), denoise
+
+
 def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts,
                      say: Callable[[str], None], *, bf16: bool, channels_last: bool,
                      compiled: bool) -> dict[str, dict[str, float]]:
@@ -276,36 +297,105 @@ def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts
     and compile."""
     torch.manual_seed(params.train.seed)
     model = UNet(params.model).to(device).eval().requires_grad_(False)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     precision = "bf16" if bf16 else "fp32"
-    denoise = denoiser(model, device, precision, "on" if compiled else "off")
+    layout = "on" if channels_last else "off"
     schedule = make_schedule(params.diffusion).to(device)
     size, T = params.preprocess.image_size, schedule.T
     ddim_steps = min(DDIM_STEPS, T)
     say(f"sampling: eval U-Net, {describe(bf16, channels_last, compiled)}; batch {batch}; "
         f"time per step measured over a few steps, extrapolated to the full step count")
     figures = {}
+
+    built: dict[bool, Callable] = {}  # compiled or not: one denoiser each, for both samplers
+
+    def make(compile_it: bool) -> Callable:
+        if compile_it not in built:
+            built[compile_it] = denoiser(model, device, precision, "on" if compile_it else "off",
+                                         channels_last=layout)
+        return built[compile_it]
+
     for name, sampler, total, kwargs in (
             ("ddpm", sample_ddpm, T, {}),
             ("ddim", sample_ddim, ddim_steps, {"steps": ddim_steps, "eta": params.generate.eta})):
         warmup = min(n.sample_warmup, total - 1)
         timed = min(n.sample_steps, total - warmup)
-        try:
-            step_s = time_sampler(sampler, denoise, schedule, batch, size, device, warmup, timed,
-                                  params.generate.seed, **kwargs)
-        except Exception as err:  # noqa: BLE001 - compiling the eval model failed
-            if not compiled:
-                raise
-            say(f"  compile: unavailable for sampling ({_reason(err)}); sampling timed eager")
-            torch._dynamo.reset()
-            denoise = denoiser(model, device, precision, "off")
-            step_s = time_sampler(sampler, denoise, schedule, batch, size, device, warmup, timed,
-                                  params.generate.seed, **kwargs)
+        step_s, used = _time_denoiser(
+            make, compiled, say, "sampling", sampler=sampler, schedule=schedule, batch=batch,
+            size=size, device=device, warmup=warmup, timed=timed, seed=params.generate.seed,
+            **kwargs)
+        compiled = compiled and used is built.get(True)  # after a fallback, eager from then on
         ips = batch / (step_s * total)
         figures[name] = {"steps": total, "batch": batch, "timed_steps": timed, "step_s": step_s,
                          "images_per_s": ips, "seconds_10k": SAMPLES / ips}
     return figures
+
+
+# ---------------------------------------------------------------- epoch ends
+
+
+def _due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether a callback with cadence `every` runs at `epoch` (it always runs at the last)."""
+    return bool(every) and (epoch % every == 0 or epoch == epochs)
+
+
+def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n: Counts,
+                      say: Callable[[str], None], workdir: Path) -> dict[str, Any]:
+    """What the train stage adds to an epoch's steps: the reverse strip (T batch-1 calls of
+    the EMA model through the fast-path denoiser, as `callbacks.Strips` runs them) and
+    the checkpoint (`checkpoint.BackgroundSaver`; a synchronous save, the old way, beside)."""
+    cfg = params.train
+    schedule = make_schedule(params.diffusion).to(device)
+    T, size = schedule.T, params.preprocess.image_size
+    fast = {"precision": "bf16" if trainer.bf16 else "fp32",
+            "channels_last": "on" if trainer.channels_last else "off",
+            "compile_mode": params.train.compile_mode}
+    warmup, timed = min(n.sample_warmup, T - 1), min(n.sample_steps, T - 1)
+    strip_step_s, _ = _time_denoiser(
+        lambda c: denoiser(trainer.ema.model, device, compile="on" if c else "off", **fast),
+        trainer.compiled, say, "the strip", sampler=sample_ddpm, schedule=schedule, batch=1,
+        size=size, device=device, warmup=warmup, timed=timed, seed=cfg.seed)
+    out: dict[str, Any] = {"strip_seconds": strip_step_s * T, "strip_step_s": strip_step_s}
+
+    payload = {"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
+               "optimizer": trainer.optimizer.state_dict()}
+    saver = checkpoint.BackgroundSaver()
+    with tempfile.TemporaryDirectory(prefix=".bench-", dir=workdir) as tmp:
+        path = Path(tmp) / "last.pt"
+        start = time.perf_counter()
+        checkpoint.save(path, payload)
+        sync_s = time.perf_counter() - start
+        saver.save(path, payload)  # the first background save also allocates its buffers
+        saver.wait()
+        start = time.perf_counter()
+        saver.save(path, payload)
+        stall_s = time.perf_counter() - start
+        saver.wait()
+        write_s = time.perf_counter() - start
+        out.update(checkpoint_bytes=path.stat().st_size, checkpoint_sync_s=sync_s,
+                   checkpoint_stall_s=stall_s, checkpoint_write_s=write_s)
+    say(f"epoch ends (the train stage's strip every {cfg.strip_every} and checkpoint every "
+        f"{cfg.checkpoint_every} epochs):")
+    say(f"  reverse strip: {T} batch-1 steps of the EMA model, {_fmt_s(out['strip_seconds'])} "
+        f"({_fmt_s(strip_step_s)} per step; {timed} timed)")
+    say(f"  checkpoint {out['checkpoint_bytes'] / 2**20:,.0f} MiB: training waits "
+        f"{_fmt_s(stall_s)} (host copy), written in {_fmt_s(write_s)} in the background; "
+        f"a synchronous save waits {_fmt_s(sync_s)} ({sync_s / stall_s:.0f}x)")
+    return out
+
+
+def project_stage(step_s: float, batch: int, extras: dict[str, Any],
+                  cfg: Any) -> dict[str, float]:
+    """Seconds of the train stage for EPOCHS epochs of DATASET_IMAGES at `step_s` per step,
+    with a strip and a checkpoint at train.strip_every / checkpoint_every. A background
+    write that outlasts the epochs until the next checkpoint delays that one."""
+    epoch_s = DATASET_IMAGES // batch * step_s
+    strips = sum(_due(e, cfg.strip_every, EPOCHS) for e in range(1, EPOCHS + 1))
+    saves = sum(_due(e, cfg.checkpoint_every, EPOCHS) for e in range(1, EPOCHS + 1))
+    between = max(1, cfg.checkpoint_every) * epoch_s
+    waits = extras["checkpoint_stall_s"] + max(0.0, extras["checkpoint_write_s"] - between)
+    return {"steps_seconds": EPOCHS * epoch_s, "strip_seconds": strips * extras["strip_seconds"],
+            "checkpoint_seconds": saves * waits,
+            "seconds": EPOCHS * epoch_s + strips * extras["strip_seconds"] + saves * waits}
 
 
 # ---------------------------------------------------------------- inception
@@ -501,12 +591,21 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
             "train.compile: on force those three)")
     speedup = train["fast"]["images_per_s"] / train["eager_fp32"]["images_per_s"]
     mfu = train["fast"]["mfu"]
-    train_s = EPOCHS * DATASET_IMAGES / train["fast"]["images_per_s"]
-    train.update(speedup=speedup, projected={"epochs": EPOCHS, "images": DATASET_IMAGES,
-                                             "seconds": train_s})
+    train["speedup"] = speedup
     say(f"  fast / eager fp32: {speedup:.2f}x   {verdict('speedup', speedup, '3x')}")
     say(f"  MFU of the fast path: {100 * mfu:.1f} %   {verdict('mfu', mfu, '35 %')}")
-    say(f"  {EPOCHS} epochs x {DATASET_IMAGES:,} images at the fast rate: {_fmt_s(train_s)}   "
+
+    # --- epoch ends and the whole train stage -------------------------------
+    say()
+    workdir = Path(out_path).parent if out_path is not None else Path.cwd()
+    workdir.mkdir(parents=True, exist_ok=True)
+    train["epoch_end"] = measure_epoch_end(fast, params, device, n, say, workdir)
+    projected = project_stage(train["fast"]["step_s"], batch, train["epoch_end"], params.train)
+    train["projected"] = {"epochs": EPOCHS, "images": DATASET_IMAGES, **projected}
+    train_s = projected["seconds"]
+    say(f"  {EPOCHS} epochs x {DATASET_IMAGES:,} images: steps at the fast rate "
+        f"{_fmt_s(projected['steps_seconds'])} + strips {_fmt_s(projected['strip_seconds'])} + "
+        f"checkpoint waits {_fmt_s(projected['checkpoint_seconds'])} = {_fmt_s(train_s)}   "
         f"{verdict('train_seconds', train_s, '15 min')}")
 
     # --- sampling -----------------------------------------------------------
