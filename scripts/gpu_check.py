@@ -75,6 +75,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def fresh_compiles() -> None:
+    """Forget compiled graphs (and free their memory) between variants: every new model
+    compiles UNet.forward again, and past torch._dynamo's recompile limit (8) a call
+    silently runs eager, which would time eager under a compiled label."""
+    torch._dynamo.reset()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
@@ -304,8 +313,7 @@ def part_variants(params, out: Path) -> None:
             f"{figures['images_per_s'] * flop / 1e12:,.0f} TFLOP/s"
             + (f" (compile fell back: {fallback})" if fallback else ""))
         del trainer
-        if cuda:
-            torch.cuda.empty_cache()
+        fresh_compiles()
     batch = params.generate.batch_size
     for label, make in (("per-image generators", lambda: ImageNoise(0, range(batch), device)),
                         ("one generator", None)):
@@ -371,7 +379,7 @@ def part_diag(params, out: Path) -> None:
         if compiled or label.startswith("eager bf16 contiguous"):
             _profile(trainer, label, fig, out)
         del trainer
-        torch.cuda.empty_cache()
+        fresh_compiles()
         (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
 
 
@@ -453,6 +461,7 @@ def main() -> None:
     for name in args.only.split(","):
         say()
         start = time.perf_counter()
+        fresh_compiles()
         try:
             parts[name](params, args.out)
             status = "ok"

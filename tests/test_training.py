@@ -1,5 +1,6 @@
 """Training behaviour: it learns, it is reproducible, it resumes exactly, it stops on NaN."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from conftest import REPO, TINY, run_stage, write_params, write_processed
 from ddpm import checkpoint
 from ddpm.callbacks import Checkpointer
 from ddpm.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm.training import NonFiniteLossError, lr_at, run_config, train
+from ddpm.training import NonFiniteLossError, dropout_seed, lr_at, run_config, train
 
 MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
 DIFFUSION = DiffusionConfig(steps=40)
@@ -197,3 +198,39 @@ def test_train_waits_for_the_last_checkpoint_before_returning(tmp_path, monkeypa
                   callbacks=(Checkpointer(path, {"run": 1}, every=1, epochs=2),))
     saved = checkpoint.load(path)  # no wait here: train() has closed the checkpointer
     assert saved["epoch"] == 2 and saved["step"] == state.step
+
+
+def test_dropout_streams_differ_by_rank_and_epoch_and_repeat_exactly():
+    seeds = {(rank, epoch): dropout_seed(42, rank, epoch) for rank in range(4) for epoch in range(3)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert dropout_seed(42, 1, 2) == seeds[(1, 2)]
+    assert all(0 <= s < 2**63 for s in seeds.values())  # torch.manual_seed takes it
+
+
+def test_a_resumed_run_with_dropout_ends_with_identical_weights(tmp_path):
+    dropped = dataclasses.replace(MODEL, dropout=0.3)
+    cpu = torch.device("cpu")
+    straight = train(images(), DIFFUSION, dropped, cfg(epochs=3), device=cpu)
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfterFirstEpoch:
+        def on_log(self, row):
+            pass
+
+        def on_epoch_end(self, state, summary):
+            raise Crash
+
+    path = tmp_path / "last.pt"
+    with pytest.raises(Crash):
+        train(images(), DIFFUSION, dropped, cfg(epochs=3), device=cpu,
+              callbacks=(Checkpointer(path, {}, every=1, epochs=3), CrashAfterFirstEpoch()))
+    torch.manual_seed(12345)  # whatever the process drew meanwhile
+    torch.rand(100)
+    resumed = train(images(), DIFFUSION, dropped, cfg(epochs=3), device=cpu,
+                    resume=checkpoint.load(path))
+    assert checkpoint.load(path)["epoch"] == 1 and resumed.epoch == 3
+    for a, b in ((straight.model, resumed.model), (straight.ema.model, resumed.ema.model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                     b.state_dict().values()))

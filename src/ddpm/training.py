@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -239,6 +240,16 @@ class _CompiledOrEager:
         return out
 
 
+def dropout_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of torch's default generators (dropout's masks) for one rank's epoch.
+
+    Each rank has its own stream, so ranks never share masks, and a resumed
+    epoch draws what it drew the first time without any rank's RNG state saved.
+    """
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2, np.uint32)
+    return int(state.view(np.uint64)[0] >> 1)
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Full batches per epoch: the incomplete last batch is dropped so shapes stay fixed."""
     return n // min(batch_size, n)
@@ -276,8 +287,9 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
     t, noise and flips are drawn for the whole global batch on every rank,
     and each rank takes its own slice, so N ranks compute what one process
     would on the same global batch (DDP averages the gradients) - exactly so
-    up to float rounding when model.dropout is 0; with dropout the ranks draw
-    their masks from the same seed. Callbacks should be given on rank 0 only.
+    up to float rounding when model.dropout is 0; dropout masks come from a
+    stream per rank and epoch (`dropout_seed`). Callbacks should be given on
+    rank 0 only.
     """
     try:
         return _train(images, diffusion_cfg, model_cfg, cfg, device, resume, callbacks)
@@ -317,6 +329,7 @@ def _train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Mode
 
     for epoch in range(state.epoch, cfg.epochs):
         # --- one epoch ----------------------------------------------------
+        torch.manual_seed(dropout_seed(cfg.seed, rank, epoch))
         state.model.train()
         started = time.perf_counter()
         order = torch.randperm(n, generator=state.order_gen).to(device)
