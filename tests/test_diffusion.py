@@ -1,5 +1,6 @@
 """Math identities of the DDPM module (closed forms against iteration)."""
 
+import pytest
 import torch
 
 from ddpm.config import DiffusionConfig
@@ -102,6 +103,36 @@ def test_ddim_eta_zero_is_deterministic_given_x_T():
     a = sample_ddim(model, schedule, x_T, ImageNoise(1, range(2)), steps=10, eta=0.0)
     b = sample_ddim(model, schedule, x_T, ImageNoise(99, range(2)), steps=10, eta=0.0)
     assert torch.equal(a, b)
+
+
+class CountingNoise(ImageNoise):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.draws = 0
+
+    def randn(self, shape):
+        self.draws += 1
+        return super().randn(shape)
+
+
+def test_ddim_draws_noise_only_when_eta_adds_it_and_eta_zero_equals_zero_noise():
+    schedule = make_schedule(DiffusionConfig(steps=50))
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    counted = {eta: CountingNoise(1, range(2)) for eta in (0.0, 0.5)}
+    out = {eta: sample_ddim(model, schedule, x_T, noise, steps=10, eta=eta)
+           for eta, noise in counted.items()}
+    assert counted[0.0].draws == 0 and counted[0.5].draws == 10
+    # The same steps with noise added at weight sigma = 0: the samples do not change.
+    from ddpm.samplers import ddim_timesteps
+
+    x, ts = x_T, ddim_timesteps(50, 10).tolist() + [-1]
+    for t, t_prev in zip(ts, ts[1:]):
+        tb, pb = torch.full((2,), t), torch.full((2,), t_prev)
+        x = ddim_step(schedule, x, tb, pb, model(x, tb), torch.randn_like(x), eta=0.0)
+    assert torch.equal(out[0.0], x)
+    with pytest.raises(ValueError, match="needs noise"):
+        ddim_step(schedule, x, tb, pb, model(x, tb), None, eta=0.5)
 
 
 def test_cosine_schedule_is_monotone_and_bounded():

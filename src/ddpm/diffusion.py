@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -137,13 +138,16 @@ def ddpm_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps_pred: torch.T
 
 
 def ddim_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-              eps_pred: torch.Tensor, noise: torch.Tensor, eta: float = 0.0,
+              eps_pred: torch.Tensor, noise: Optional[torch.Tensor], eta: float = 0.0,
               clip: bool = True) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12); t_prev = -1 means x0.
 
     sigma = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
     (eq. 16); eta = 1 with consecutive steps is the ancestral DDPM sampler.
+    `noise` may be None when eta = 0 (the deterministic sampler adds none).
     """
+    if noise is None and eta != 0:
+        raise ValueError(f"ddim_step with eta={eta} needs noise")
     ab_t = _at(s.alpha_bar, t)
     ab_prev = torch.where(t_prev >= 0, s.alpha_bar.to(t.device)[t_prev.clamp(min=0)],
                           torch.ones((), device=t.device)).view(-1, 1, 1, 1)
@@ -154,4 +158,5 @@ def ddim_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Ten
         eps_pred = (x_t - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
     sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
     direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps_pred
-    return ab_prev.sqrt() * x0 + direction + sigma * noise
+    x_prev = ab_prev.sqrt() * x0 + direction
+    return x_prev if noise is None else x_prev + sigma * noise

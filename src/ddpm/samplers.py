@@ -78,8 +78,9 @@ def sample_ddim(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise:
         t_batch = torch.full((batch,), t, device=x.device, dtype=torch.long)
         t_prev_batch = torch.full((batch,), t_prev, device=x.device, dtype=torch.long)
         eps = denoise(x, t_batch).float()
-        # Draw noise even when eta = 0 so every image's stream advances the same way.
-        z = noise.randn(x.shape[1:])
+        # eta = 0 adds no noise, so none is drawn: on a GPU each draw is one small
+        # kernel per image (500 per step at generate.batch_size 500).
+        z = noise.randn(x.shape[1:]) if eta else None
         x = ddim_step(schedule, x, t_batch, t_prev_batch, eps, z, eta=eta)
         if callback is not None:
             callback(i, t, x)
