@@ -82,6 +82,10 @@ def main() -> None:
     log = stageutil.log if rank == 0 else (lambda message: None)
     run_cfg = run_config(params.diffusion, params.model, cfg, manifest["sha256"])
     ckpt_path = args.checkpoints / "last.pt"
+    if rank == 0:
+        for path in (ckpt_path, args.model):
+            for stale in atomic.remove_stale_temps(path):
+                log(f"removed {stale}, left by an interrupted write")
     resume = resume_state(ckpt_path, run_cfg, log)
     if resume is None and args.strips.exists() and rank == 0:
         shutil.rmtree(args.strips)  # strips of another run

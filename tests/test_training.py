@@ -125,9 +125,14 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path):
     interrupted_at = checkpoint.load(ckpt)["epoch"]
     assert 1 <= interrupted_at < 5, "the run was not interrupted mid-training"
     assert not (killed / "model.pt").exists()
+    # What a kill in the middle of a checkpoint's write leaves (SIGKILL skips the cleanup).
+    half_written = ckpt.parent / ".last.pt.k1ll3d.tmp"
+    half_written.write_bytes(b"\0" * 1000)
 
     done = run_stage("train", "--params", str(params), *stage_args(killed, data), cwd=tmp_path)
     assert f"resuming from {ckpt} at epoch {interrupted_at}" in done.stdout
+    assert f"removed {half_written}" in done.stdout
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.pt"]
     a, b = checkpoint.load(straight / "model.pt"), checkpoint.load(killed / "model.pt")
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
@@ -234,3 +239,15 @@ def test_a_resumed_run_with_dropout_ends_with_identical_weights(tmp_path):
     for a, b in ((straight.model, resumed.model), (straight.ema.model, resumed.ema.model)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                      b.state_dict().values()))
+
+
+def test_only_a_files_own_stale_temporaries_are_removed(tmp_path):
+    from ddpm import atomic
+
+    keep = [tmp_path / n for n in ("last.pt", ".model.pt.x1.tmp", ".last.pt.tmpdir", "a.tmp")]
+    stale = [tmp_path / n for n in (".last.pt.x1.tmp", ".last.pt.y2.tmp")]
+    for path in keep + stale:
+        path.write_text("x")
+    assert atomic.remove_stale_temps(tmp_path / "last.pt") == stale
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    assert atomic.remove_stale_temps(tmp_path / "missing" / "last.pt") == []

@@ -30,6 +30,17 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps(dest: str | Path) -> list[Path]:
+    """Delete what a killed writer left beside `dest` (`atomic_path`'s temporary files,
+    which a SIGKILL skips cleaning up: a checkpoint's can be most of a gigabyte, and
+    DVC would store it with a persisted folder). Only while nothing writes `dest`."""
+    dest = Path(dest)
+    stale = sorted(dest.parent.glob(f".{dest.name}.*.tmp")) if dest.parent.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def write_bytes(dest: str | Path, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)
