@@ -46,9 +46,10 @@ class BackgroundSaver:
 
     def save(self, path: str | Path, payload: dict[str, Any]) -> None:
         self.wait()
-        snapshot = self._copy(payload, ())
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # the non-blocking copies to pinned memory have landed
+        devices: set[torch.device] = set()
+        snapshot = self._copy(payload, (), devices)
+        for device in devices:  # the non-blocking copies to pinned memory have landed
+            torch.cuda.synchronize(device)
         self._thread = threading.Thread(target=self._write, args=(Path(path), snapshot),
                                         name="checkpoint-writer")
         self._thread.start()
@@ -70,20 +71,23 @@ class BackgroundSaver:
         except BaseException as err:  # noqa: BLE001 - re-raised by wait() in the caller's thread
             self._error = err
 
-    def _copy(self, obj: Any, key: tuple) -> Any:
+    def _copy(self, obj: Any, key: tuple, devices: set[torch.device]) -> Any:
         """A copy the training loop cannot change: tensors into the kept host buffers,
-        containers rebuilt (the loss history grows while the thread pickles)."""
+        containers rebuilt (the loss history grows while the thread pickles). `devices`
+        collects the GPUs copied from, which the caller synchronizes."""
         if torch.is_tensor(obj):
             buf = self._buffers.get(key)
             if (buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype
                     or buf.stride() != obj.stride()):
                 buf = torch.empty_like(obj, device="cpu", pin_memory=obj.is_cuda)
                 self._buffers[key] = buf
+            if obj.is_cuda:
+                devices.add(obj.device)
             return buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
         if isinstance(obj, dict):
-            return {k: self._copy(v, key + (k,)) for k, v in obj.items()}
+            return {k: self._copy(v, key + (k,), devices) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._copy(v, key + (i,)) for i, v in enumerate(obj))
+            return type(obj)(self._copy(v, key + (i,), devices) for i, v in enumerate(obj))
         return obj  # numbers, strings, None: immutable
 
 
