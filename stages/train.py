@@ -6,6 +6,7 @@ otherwise says what differs and starts fresh (the stale checkpoint is
 overwritten at the first new checkpoint).
 """
 
+import datetime
 import os
 import shutil
 from pathlib import Path
@@ -54,7 +55,11 @@ def init_distributed(device_name: str) -> tuple[int, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Ranks wait at their first all-reduce of an epoch while rank 0 ends the last one
+    # (strip, checkpoint; the first strip compiles the EMA model): allow for it, rather
+    # than NCCL's default 10 minutes.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=60))
     return dist.get_rank(), device
 
 

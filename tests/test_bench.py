@@ -98,25 +98,33 @@ def test_the_stage_projection_adds_strips_and_checkpoint_waits_to_the_steps(benc
     projected = train["projected"]
     assert projected["steps_seconds"] == pytest.approx(300 * (16_185 // 4) * train["fast"]["step_s"])
     assert projected["strip_seconds"] == pytest.approx(300 * extras["strip_seconds"])
+    assert projected["one_off_seconds"] >= 0
     assert projected["seconds"] == pytest.approx(
-        projected["steps_seconds"] + projected["strip_seconds"] + projected["checkpoint_seconds"])
+        projected["steps_seconds"] + projected["strip_seconds"] + projected["checkpoint_seconds"]
+        + projected["one_off_seconds"])
     assert result["targets"]["train_seconds"]["value"] == projected["seconds"]
 
 
 def test_the_projection_follows_the_strip_and_checkpoint_cadence():
-    extras = {"strip_seconds": 2.0, "checkpoint_stall_s": 0.1, "checkpoint_write_s": 3.0}
+    extras = {"strip_seconds": 2.0, "strip_step_s": 0.004, "strip_first_call_s": 30.004,
+              "checkpoint_stall_s": 0.1, "checkpoint_first_stall_s": 0.6,
+              "checkpoint_write_s": 3.0}
     step_s = 1 / (16_185 // 64)  # one second per epoch of batch 64
 
     def project(**train):
-        return project_stage(step_s, 64, extras, params_from_dict({"train": train}).train)
+        return project_stage(step_s, 60 + step_s, 64, extras,
+                             params_from_dict({"train": train}).train)
 
     every = project(strip_every=1, checkpoint_every=1)
     assert every["steps_seconds"] == pytest.approx(300)
     assert every["strip_seconds"] == pytest.approx(600)
     # A 3 s write, 1 s of steps to the next checkpoint: each save waits 0.1 + 2 s.
     assert every["checkpoint_seconds"] == pytest.approx(300 * 2.1)
+    # Once: compiling the training step (60 s) and the strip (30 s); allocating (0.5 s).
+    assert every["one_off_seconds"] == pytest.approx(90.5)
+    assert every["seconds"] == pytest.approx(300 + 600 + 630 + 90.5)
     sparse = project(strip_every=0, checkpoint_every=7)
-    assert sparse["strip_seconds"] == 0
+    assert sparse["strip_seconds"] == 0 and sparse["one_off_seconds"] == pytest.approx(60.5)
     assert sparse["checkpoint_seconds"] == pytest.approx((300 // 7 + 1) * 0.1)  # and the last
 
 
@@ -159,3 +167,17 @@ def test_compile_and_inception_failures_are_reported_not_raised(monkeypatch):
     reason = "FidWeightsError: the Inception weights are missing"
     assert f"inception: unavailable ({reason})" in text
     assert result["inception"] == {"unavailable": reason}
+
+
+def test_epoch_end_timing_fits_a_schedule_shorter_than_its_counts(tmp_path):
+    from ddpm.bench import fast_trainer, measure_epoch_end
+
+    params = params_from_dict({**TINY, "diffusion": {"steps": 4}})
+    counts = Counts(train_warmup=1, train_steps=1, sample_warmup=3, sample_steps=10,
+                    matmul_size=64, matmul_iters=1, inception_images=2)
+    lines = []
+    extras = measure_epoch_end(fast_trainer(params, torch.device("cpu"), 2), params,
+                               torch.device("cpu"), counts, lines.append, tmp_path)
+    assert extras["strip_seconds"] == pytest.approx(4 * extras["strip_step_s"])
+    assert "; 1 timed)" in "\n".join(lines)  # 3 warm-up steps of 4 leave 1 to time
+    assert list(tmp_path.iterdir()) == []  # the checkpoints went with their temporary folder

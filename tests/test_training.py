@@ -251,3 +251,35 @@ def test_only_a_files_own_stale_temporaries_are_removed(tmp_path):
     assert atomic.remove_stale_temps(tmp_path / "last.pt") == stale
     assert sorted(tmp_path.iterdir()) == sorted(keep)
     assert atomic.remove_stale_temps(tmp_path / "missing" / "last.pt") == []
+
+
+def test_a_failing_close_does_not_hide_the_error_that_stopped_training(monkeypatch):
+    import ddpm.training as training
+
+    real = training.loss_per_image
+    monkeypatch.setattr(training, "loss_per_image", lambda pred, eps: real(pred, eps) * float("nan"))
+    closed = []
+
+    class BrokenClose:
+        def on_log(self, row):
+            pass
+
+        def on_epoch_end(self, state, summary):
+            pass
+
+        def close(self):
+            closed.append(self)
+            raise checkpoint.CheckpointWriteError("disk full")
+
+    callbacks = (BrokenClose(), BrokenClose())
+    with pytest.warns(UserWarning, match="disk full"), pytest.raises(NonFiniteLossError):
+        train(images(), DIFFUSION, MODEL, cfg(), device=torch.device("cpu"), callbacks=callbacks)
+    assert closed == list(callbacks)  # every close ran
+    monkeypatch.undo()
+    closed.clear()
+    # Nothing else failed: the first close error is raised, the second warned about.
+    with pytest.warns(UserWarning, match="disk full"), \
+            pytest.raises(checkpoint.CheckpointWriteError, match="disk full"):
+        train(images(), DIFFUSION, MODEL, cfg(epochs=1), device=torch.device("cpu"),
+              callbacks=callbacks)
+    assert closed == list(callbacks)

@@ -274,19 +274,31 @@ def time_sampler(sampler: Callable, denoise: Callable, schedule: Schedule, batch
 
 
 def _time_denoiser(make: Callable[[bool], Callable], compiled: bool, say: Callable[[str], None],
-                   what: str, **timing: Any) -> tuple[float, Callable]:
-    """(`time_sampler` seconds per step, the denoiser timed): `make(compiled)` builds the
-    denoiser; if compiling it fails, that is said and it is timed eager."""
+                   what: str, **timing: Any) -> tuple[float, float, Callable]:
+    """(seconds of a first call, which compiles; `time_sampler`'s seconds per step; the
+    denoiser timed): `make(compiled)` builds the denoiser; if compiling it fails, that
+    is said and it is timed eager."""
+
+    def run(denoise: Callable) -> tuple[float, float]:
+        batch, size, device = timing["batch"], timing["size"], timing["device"]
+        x = torch.zeros(batch, 3, size, size, device=device)
+        t = torch.zeros(batch, dtype=torch.long, device=device)
+        start = time.perf_counter()
+        with torch.no_grad():  # as the samplers call it: one compile serves both
+            denoise(x, t)
+        _sync(device)
+        return time.perf_counter() - start, time_sampler(denoise=denoise, **timing)
+
     denoise = make(compiled)
     try:
-        return time_sampler(denoise=denoise, **timing), denoise
+        return (*run(denoise), denoise)
     except Exception as err:  # noqa: BLE001 - compiling the eval model failed
         if not compiled:
             raise
         say(f"  compile: unavailable for {what} ({_reason(err)}); {what} timed eager")
         torch._dynamo.reset()
         denoise = make(False)
-        return time_sampler(denoise=denoise, **timing), denoise
+        return (*run(denoise), denoise)
 
 
 def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts,
@@ -319,14 +331,15 @@ def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts
             ("ddim", sample_ddim, ddim_steps, {"steps": ddim_steps, "eta": params.generate.eta})):
         warmup = min(n.sample_warmup, total - 1)
         timed = min(n.sample_steps, total - warmup)
-        step_s, used = _time_denoiser(
+        first_s, step_s, used = _time_denoiser(
             make, compiled, say, "sampling", sampler=sampler, schedule=schedule, batch=batch,
             size=size, device=device, warmup=warmup, timed=timed, seed=params.generate.seed,
             **kwargs)
         compiled = compiled and used is built.get(True)  # after a fallback, eager from then on
         ips = batch / (step_s * total)
         figures[name] = {"steps": total, "batch": batch, "timed_steps": timed, "step_s": step_s,
-                         "images_per_s": ips, "seconds_10k": SAMPLES / ips}
+                         "first_call_s": first_s, "images_per_s": ips,
+                         "seconds_10k": SAMPLES / ips}
     return figures
 
 
@@ -349,12 +362,14 @@ def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n:
     fast = {"precision": "bf16" if trainer.bf16 else "fp32",
             "channels_last": "on" if trainer.channels_last else "off",
             "compile_mode": params.train.compile_mode}
-    warmup, timed = min(n.sample_warmup, T - 1), min(n.sample_steps, T - 1)
-    strip_step_s, _ = _time_denoiser(
+    warmup = min(n.sample_warmup, T - 1)
+    timed = min(n.sample_steps, T - warmup)
+    strip_first_s, strip_step_s, _ = _time_denoiser(
         lambda c: denoiser(trainer.ema.model, device, compile="on" if c else "off", **fast),
         trainer.compiled, say, "the strip", sampler=sample_ddpm, schedule=schedule, batch=1,
         size=size, device=device, warmup=warmup, timed=timed, seed=cfg.seed)
-    out: dict[str, Any] = {"strip_seconds": strip_step_s * T, "strip_step_s": strip_step_s}
+    out: dict[str, Any] = {"strip_seconds": strip_step_s * T, "strip_step_s": strip_step_s,
+                           "strip_first_call_s": strip_first_s}
 
     payload = {"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
                "optimizer": trainer.optimizer.state_dict()}
@@ -364,7 +379,9 @@ def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n:
         start = time.perf_counter()
         checkpoint.save(path, payload)
         sync_s = time.perf_counter() - start
+        start = time.perf_counter()
         saver.save(path, payload)  # the first background save also allocates its buffers
+        first_stall_s = time.perf_counter() - start
         saver.wait()
         start = time.perf_counter()
         saver.save(path, payload)
@@ -372,30 +389,39 @@ def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n:
         saver.wait()
         write_s = time.perf_counter() - start
         out.update(checkpoint_bytes=path.stat().st_size, checkpoint_sync_s=sync_s,
-                   checkpoint_stall_s=stall_s, checkpoint_write_s=write_s)
+                   checkpoint_first_stall_s=first_stall_s, checkpoint_stall_s=stall_s,
+                   checkpoint_write_s=write_s)
     say(f"epoch ends (the train stage's strip every {cfg.strip_every} and checkpoint every "
         f"{cfg.checkpoint_every} epochs):")
     say(f"  reverse strip: {T} batch-1 steps of the EMA model, {_fmt_s(out['strip_seconds'])} "
-        f"({_fmt_s(strip_step_s)} per step; {timed} timed)")
+        f"({_fmt_s(strip_step_s)} per step; {timed} timed); the first call "
+        f"{_fmt_s(strip_first_s)} (compiling, where it compiles)")
     say(f"  checkpoint {out['checkpoint_bytes'] / 2**20:,.0f} MiB: training waits "
-        f"{_fmt_s(stall_s)} (host copy), written in {_fmt_s(write_s)} in the background; "
-        f"a synchronous save waits {_fmt_s(sync_s)} ({sync_s / stall_s:.0f}x)")
+        f"{_fmt_s(stall_s)} (host copy; the first {_fmt_s(first_stall_s)}, allocating), written "
+        f"in {_fmt_s(write_s)} in the background; a synchronous save waits {_fmt_s(sync_s)} "
+        f"({sync_s / stall_s:.0f}x)")
     return out
 
 
-def project_stage(step_s: float, batch: int, extras: dict[str, Any],
+def project_stage(step_s: float, first_step_s: float, batch: int, extras: dict[str, Any],
                   cfg: Any) -> dict[str, float]:
     """Seconds of the train stage for EPOCHS epochs of DATASET_IMAGES at `step_s` per step,
     with a strip and a checkpoint at train.strip_every / checkpoint_every. A background
-    write that outlasts the epochs until the next checkpoint delays that one."""
+    write that outlasts the epochs until the next checkpoint delays that one. One-off
+    costs: what the first step, strip call and checkpoint take beyond the later ones
+    (compiling, allocating buffers)."""
     epoch_s = DATASET_IMAGES // batch * step_s
     strips = sum(_due(e, cfg.strip_every, EPOCHS) for e in range(1, EPOCHS + 1))
     saves = sum(_due(e, cfg.checkpoint_every, EPOCHS) for e in range(1, EPOCHS + 1))
     between = max(1, cfg.checkpoint_every) * epoch_s
     waits = extras["checkpoint_stall_s"] + max(0.0, extras["checkpoint_write_s"] - between)
-    return {"steps_seconds": EPOCHS * epoch_s, "strip_seconds": strips * extras["strip_seconds"],
-            "checkpoint_seconds": saves * waits,
-            "seconds": EPOCHS * epoch_s + strips * extras["strip_seconds"] + saves * waits}
+    one_off = (max(0.0, first_step_s - step_s)
+               + (max(0.0, extras["strip_first_call_s"] - extras["strip_step_s"]) if strips else 0)
+               + (max(0.0, extras["checkpoint_first_stall_s"] - extras["checkpoint_stall_s"])
+                  if saves else 0))
+    parts = {"steps_seconds": EPOCHS * epoch_s, "strip_seconds": strips * extras["strip_seconds"],
+             "checkpoint_seconds": saves * waits, "one_off_seconds": one_off}
+    return {**parts, "seconds": sum(parts.values())}
 
 
 # ---------------------------------------------------------------- inception
@@ -600,12 +626,14 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     workdir = Path(out_path).parent if out_path is not None else Path.cwd()
     workdir.mkdir(parents=True, exist_ok=True)
     train["epoch_end"] = measure_epoch_end(fast, params, device, n, say, workdir)
-    projected = project_stage(train["fast"]["step_s"], batch, train["epoch_end"], params.train)
+    projected = project_stage(train["fast"]["step_s"], train["fast"]["first_step_s"], batch,
+                              train["epoch_end"], params.train)
     train["projected"] = {"epochs": EPOCHS, "images": DATASET_IMAGES, **projected}
     train_s = projected["seconds"]
     say(f"  {EPOCHS} epochs x {DATASET_IMAGES:,} images: steps at the fast rate "
         f"{_fmt_s(projected['steps_seconds'])} + strips {_fmt_s(projected['strip_seconds'])} + "
-        f"checkpoint waits {_fmt_s(projected['checkpoint_seconds'])} = {_fmt_s(train_s)}   "
+        f"checkpoint waits {_fmt_s(projected['checkpoint_seconds'])} + once (compiling, "
+        f"allocating) {_fmt_s(projected['one_off_seconds'])} = {_fmt_s(train_s)}   "
         f"{verdict('train_seconds', train_s, '15 min')}")
 
     # --- sampling -----------------------------------------------------------
@@ -620,7 +648,8 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
         fig = sampling[name]
         say(f"  {name.upper()}-{fig['steps']:<4} {_num(fig['images_per_s']):>9} img/s  "
             f"({_fmt_s(fig['step_s'])} per step of {fig['batch']}; {fig['timed_steps']} steps "
-            f"timed)  {SAMPLES:,} samples: {_fmt_s(fig['seconds_10k'])}   "
+            f"timed; first call {_fmt_s(fig['first_call_s'])})  {SAMPLES:,} samples: "
+            f"{_fmt_s(fig['seconds_10k'])}   "
             f"{verdict(key, fig['seconds_10k'], shown)}")
 
     # --- inception ----------------------------------------------------------

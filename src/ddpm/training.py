@@ -292,12 +292,35 @@ def train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Model
     rank 0 only.
     """
     try:
-        return _train(images, diffusion_cfg, model_cfg, cfg, device, resume, callbacks)
-    finally:  # e.g. the last checkpoint is on disk before anything reads it
-        for cb in callbacks:
-            close = getattr(cb, "close", None)
-            if close is not None:
-                close()
+        state = _train(images, diffusion_cfg, model_cfg, cfg, device, resume, callbacks)
+    except BaseException:
+        _close(callbacks, failing=True)
+        raise
+    _close(callbacks, failing=False)  # e.g. the last checkpoint is on disk before it is read
+    return state
+
+
+def _close(callbacks: tuple[Callback, ...], failing: bool) -> None:
+    """Call every callback's close(). While training is already failing, a close error is
+    only warned about, so the error that stopped training is the one raised."""
+    errors = []
+    for cb in callbacks:
+        close = getattr(cb, "close", None)
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 - every callback gets its close
+            errors.append(err)
+    if not errors:
+        return
+    import warnings
+
+    for err in errors if failing else errors[1:]:
+        warnings.warn(f"closing a training callback failed: {type(err).__name__}: {err}",
+                      stacklevel=3)
+    if not failing:
+        raise errors[0]
 
 
 def _train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: ModelConfig,
