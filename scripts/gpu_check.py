@@ -5,10 +5,10 @@
         [--inception-standin FILE.pt.xz] [--set KEY=VALUE ...] [--device cpu]
     python3 scripts/gpu_check.py --write-standin FILE.pt.xz   (here, before a device call)
 
-Needs torch, numpy, Pillow, PyYAML and tqdm; not DVC, MLflow or kaggle (the
-stages run as plain scripts, tracking off); clean-fid for the bench's
-end-to-end FID features (carry its pure-Python wheel). Parts, each guarded,
-so one failure is reported and the rest still run (default: the first four):
+Needs torch, numpy, Pillow, PyYAML and tqdm; not DVC, MLflow, kaggle or
+clean-fid (the stages run as plain scripts, tracking off; FID features resize
+on the device with torch). Parts, each guarded, so one failure is reported
+and the rest still run (default: the first four):
 
   bench     `ddpm bench --full` for the repository's params (README "Speed").
   agree     the seed U-Net on CUDA against an IEEE-fp32 reference: eager TF32,

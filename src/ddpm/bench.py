@@ -430,7 +430,7 @@ def project_stage(step_s: float, first_step_s: float, batch: int, extras: dict[s
 def measure_inception(params: Params, device: torch.device, n: Counts,
                       say: Callable[[str], None]) -> dict[str, Any]:
     """Features/s of the FID network alone and through `fid.extract_features` (with
-    clean-fid's CPU resize to 299x299); {"unavailable": why} when it cannot run here."""
+    the resize to 299x299 on the device); {"unavailable": why} when it cannot run here."""
     try:
         from . import fid
 
@@ -457,13 +457,13 @@ def measure_inception(params: Params, device: torch.device, n: Counts,
         start = time.perf_counter()
         features = fid.extract_features(images, model, batch_size=batch, device=device)
         seconds = time.perf_counter() - start  # extract_features ends with a host copy: synced
-    except Exception as err:  # noqa: BLE001 - e.g. clean-fid missing where only torch is
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory at this batch
         say(f"  extract_features: unavailable ({_reason(err)})")
         return out
     assert features.shape == (len(images), fid.FEATURE_DIM)
     ips = len(images) / seconds
     out.update(images_per_s=ips, images=len(images), seconds_10k=SAMPLES / ips)
-    say(f"  extract_features (CPU resize + network)    {_num(ips):>9} img/s over {len(images)} "
+    say(f"  extract_features (resize + network)        {_num(ips):>9} img/s over {len(images)} "
         f"images; {SAMPLES:,} images: {_fmt_s(SAMPLES / ips)}")
     return out
 

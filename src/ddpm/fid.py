@@ -8,9 +8,12 @@ The protocol (DESIGN.md, "FID protocol"):
   `default_1.pt`; we locate it without importing the package (that pulls in
   OpenCV) and check its SHA-256 before use.
 - Resizing to 299×299 is clean-fid's "clean" mode (PIL bicubic with
-  anti-aliasing, per channel in float, no re-quantisation), done with
-  clean-fid's own resizer, one image at a time on the CPU. The features are
-  then computed in batches on the device, in full fp32.
+  anti-aliasing, per channel in float, no re-quantisation, clipped to
+  [0, 255]), computed by torch's PIL-compatible anti-aliased bicubic on the
+  device, batched with the features (`resize_for_inception`): it equals
+  clean-fid's resizer within 1e-3 of a grey level for 64×64 images (1e-2 for
+  larger ones), and clean-fid's FID within 1e-3 (`tests/test_fid.py`). The
+  features are computed in full fp32.
 - FID is clean-fid's `frechet_distance`; KID is the unbiased MMD² with the
   cubic polynomial kernel k(x, y) = (x·y/d + 1)³ averaged over random subsets
   (Bińkowski et al., 2018), drawn from a seeded generator.
@@ -27,7 +30,6 @@ import importlib.util
 import json
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
@@ -138,11 +140,15 @@ def feature_meta() -> dict[str, Any]:
 # ---------------------------------------------------------------- features
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def resize_for_inception(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (or float in [0, 255]) N×3×H×W -> float32 N×3×299×299 in [0, 255], on
+    the images' device: clean-fid's "clean" resize (PIL bicubic, anti-aliased, float,
+    clipped), which torch's antialias bicubic reproduces to float rounding.
+
+    On a 2-core CPU, 0.5 ms an image against 1.4 ms for clean-fid's PIL call."""
+    x = images.float()
+    return torch.nn.functional.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bicubic",
+                                           antialias=True, align_corners=False).clamp_(0, 255)
 
 
 @contextlib.contextmanager
@@ -195,26 +201,16 @@ def extract_features(
     `device` defaults to the model's. `progress(k)` is called after each batch
     with the number of images just done (so `tqdm(...).update` fits).
     """
-    from cleanfid.resize import build_resizer
-
     images = _as_uint8_nchw(images)
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
     device = resolve_device(device)
-    resize = build_resizer("clean")  # HWC uint8 -> HWC float32 299×299 in [0, 255]
-
-    def resize_one(image: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(resize(image.transpose(1, 2, 0)).transpose(2, 0, 1))
-
     features = []
-    # PIL releases the GIL while resampling, so threads resize in parallel.
-    with ThreadPoolExecutor(_cpu_count()) as pool, torch.inference_mode(), \
-            _full_fp32_convolutions(device):
+    with torch.inference_mode(), _full_fp32_convolutions(device):
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            x = torch.from_numpy(np.stack(list(pool.map(resize_one, batch)))).to(device)
-            # Asynchronous on a GPU: the next batch is resized while this one runs.
-            features.append(model(x))
+            batch = torch.from_numpy(images[start:start + batch_size]).to(device)  # uint8
+            # Asynchronous on a GPU: the host goes on to upload the next batch.
+            features.append(model(resize_for_inception(batch)))
             if progress is not None:
                 progress(len(batch))
     if not features:
