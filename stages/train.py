@@ -15,11 +15,10 @@ import torch
 
 from ddpm import atomic, checkpoint, stageutil
 from ddpm.callbacks import (Checkpointer, EpochLog, LossCsv, Progress, Strips, TrackMetrics,
-                            write_loss_csv)
+                            strip_denoiser, write_loss_csv)
 from ddpm.checkpoint import CheckpointError, CheckpointWriteError
 from ddpm.config import ConfigError, flatten
 from ddpm.diffusion import make_schedule
-from ddpm.generate import denoiser
 from ddpm.preprocess import load_processed
 from ddpm.tracking import ParamConflictError, Tracker, run_tags, select
 from ddpm.device import resolve_device
@@ -119,8 +118,7 @@ def main() -> None:
             Strips(args.strips, make_schedule(params.diffusion).to(device), size, cfg.seed,
                    cfg.strip_every, cfg.epochs, device,
                    on_saved=lambda path, epoch: tracker.log_image(path, "reverse_strip", epoch),
-                   fast=lambda model: denoiser(model, device, cfg.precision, cfg.compile,
-                                               cfg.compile_mode, cfg.channels_last)),
+                   fast=lambda model: strip_denoiser(model, device, cfg)),
             Checkpointer(ckpt_path, run_cfg, cfg.checkpoint_every, cfg.epochs,
                          extra={"mlflow_run_id": tracker.run_id}),
             TrackMetrics(tracker),

@@ -193,3 +193,19 @@ def test_strips_wrap_the_ema_model_once_and_follow_its_updates(tmp_path):
     fp32 = torch.stack(reverse_strip(state.ema.model, schedule, 16, 0, cpu)).float()
     # bf16 against fp32 after 40 steps: measured mean 0.05, max 1 uint8 level.
     assert (kept - fp32).abs().mean() < 0.5 and (kept - fp32).abs().max() <= 4
+
+
+def test_strips_replay_cuda_graphs_on_cuda_and_follow_train_compile_mode_elsewhere(monkeypatch):
+    """Decided without running: torch.compile is lazy, so no CUDA call is made here."""
+    from ddpm.callbacks import strip_denoiser
+
+    seen = []
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, mode=None, dynamic=None: seen.append(mode) or model)
+    cfg = TrainConfig(compile="on", compile_mode="max-autotune", channels_last="off",
+                      precision="fp32")  # bf16 autocast for "cuda" would warn on a CPU host
+    model = UNet(MODEL).eval()
+    strip_denoiser(model, torch.device("cuda"), cfg)
+    strip_denoiser(model, torch.device("cpu"), cfg)
+    strip_denoiser(model, torch.device("cuda"), dataclasses.replace(cfg, compile="off"))
+    assert seen == ["reduce-overhead", "max-autotune"]  # compile off: nothing compiled

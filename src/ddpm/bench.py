@@ -25,6 +25,7 @@ PASS/MISS on CUDA only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
@@ -39,6 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import atomic, checkpoint
+from .callbacks import strip_denoiser
 from .config import Params
 from .diffusion import Schedule, loss_per_image, make_schedule, q_sample
 from .generate import denoiser
@@ -354,18 +356,16 @@ def _due(epoch: int, every: int, epochs: int) -> bool:
 def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n: Counts,
                       say: Callable[[str], None], workdir: Path) -> dict[str, Any]:
     """What the train stage adds to an epoch's steps: the reverse strip (T batch-1 calls of
-    the EMA model through the fast-path denoiser, as `callbacks.Strips` runs them) and
+    the EMA model through `callbacks.strip_denoiser`, as the train stage runs them) and
     the checkpoint (`checkpoint.BackgroundSaver`; a synchronous save, the old way, beside)."""
     cfg = params.train
     schedule = make_schedule(params.diffusion).to(device)
     T, size = schedule.T, params.preprocess.image_size
-    fast = {"precision": "bf16" if trainer.bf16 else "fp32",
-            "channels_last": "on" if trainer.channels_last else "off",
-            "compile_mode": params.train.compile_mode}
     warmup = min(n.sample_warmup, T - 1)
     timed = min(n.sample_steps, T - warmup)
     strip_first_s, strip_step_s, _ = _time_denoiser(
-        lambda c: denoiser(trainer.ema.model, device, compile="on" if c else "off", **fast),
+        lambda c: strip_denoiser(trainer.ema.model, device,
+                                 dataclasses.replace(cfg, compile="on" if c else "off")),
         trainer.compiled, say, "the strip", sampler=sample_ddpm, schedule=schedule, batch=1,
         size=size, device=device, warmup=warmup, timed=timed, seed=cfg.seed)
     out: dict[str, Any] = {"strip_seconds": strip_step_s * T, "strip_step_s": strip_step_s,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import atomic, checkpoint
+from .config import TrainConfig
 from .diffusion import Schedule
 from .images import save_strip, to_uint8
 from .samplers import Denoiser, ImageNoise, sample_with_frames
@@ -76,6 +77,18 @@ class LossCsv:
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         write_loss_csv(self.path, state.history)
+
+
+def strip_denoiser(model: torch.nn.Module, device: torch.device,
+                   cfg: TrainConfig) -> Denoiser:
+    """The EMA model as the strips call it: training's precision, compile and layout rules
+    (`generate.denoiser`). A strip is T batch-1 calls, each a few hundred small kernels
+    that the host launches one by one, so on CUDA a compiled strip replays CUDA graphs
+    (torch.compile's reduce-overhead mode) whatever train.compile_mode says."""
+    from .generate import denoiser
+
+    mode = "reduce-overhead" if device.type == "cuda" else cfg.compile_mode
+    return denoiser(model, device, cfg.precision, cfg.compile, mode, cfg.channels_last)
 
 
 class Strips:
