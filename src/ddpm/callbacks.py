@@ -96,7 +96,7 @@ class Strips:
 
     The strip runs T batch-1 model calls, twice as many as the seed's epoch has
     training steps: `fast(model)` wraps the EMA model for them once, e.g. with
-    `generate.denoiser` (bf16, compiled on CUDA); by default it is called as is.
+    `strip_denoiser` (the train stage's); by default it is called as is.
     """
 
     def __init__(self, out_dir: Path, schedule: Schedule, image_size: int, seed: int,
