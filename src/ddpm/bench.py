@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import atomic, checkpoint
-from .callbacks import strip_denoiser
+from .callbacks import due, strip_denoiser
 from .config import Params
 from .diffusion import Schedule, loss_per_image, make_schedule, q_sample
 from .generate import denoiser
@@ -348,11 +348,6 @@ def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts
 # ---------------------------------------------------------------- epoch ends
 
 
-def _due(epoch: int, every: int, epochs: int) -> bool:
-    """Whether a callback with cadence `every` runs at `epoch` (it always runs at the last)."""
-    return bool(every) and (epoch % every == 0 or epoch == epochs)
-
-
 def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n: Counts,
                       say: Callable[[str], None], workdir: Path) -> dict[str, Any]:
     """What the train stage adds to an epoch's steps: the reverse strip (T batch-1 calls of
@@ -411,9 +406,9 @@ def project_stage(step_s: float, first_step_s: float, batch: int, extras: dict[s
     costs: what the first step, strip call and checkpoint take beyond the later ones
     (compiling, allocating buffers)."""
     epoch_s = DATASET_IMAGES // batch * step_s
-    strips = sum(_due(e, cfg.strip_every, EPOCHS) for e in range(1, EPOCHS + 1))
-    saves = sum(_due(e, cfg.checkpoint_every, EPOCHS) for e in range(1, EPOCHS + 1))
-    between = max(1, cfg.checkpoint_every) * epoch_s
+    strips = sum(due(e, cfg.strip_every, EPOCHS) for e in range(1, EPOCHS + 1))
+    saves = sum(due(e, cfg.checkpoint_every, EPOCHS) for e in range(1, EPOCHS + 1))
+    between = cfg.checkpoint_every * epoch_s  # >= 1, checked when params load
     waits = extras["checkpoint_stall_s"] + max(0.0, extras["checkpoint_write_s"] - between)
     one_off = (max(0.0, first_step_s - step_s)
                + (max(0.0, extras["strip_first_call_s"] - extras["strip_step_s"]) if strips else 0)

@@ -22,6 +22,12 @@ from .training import EpochSummary, TrainState
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
 
 
+def due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether a callback with cadence `every` (0 = never) runs at 1-based `epoch`: every
+    `every`-th epoch and the last one."""
+    return bool(every) and (epoch % every == 0 or epoch == epochs)
+
+
 def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
     """The whole loss history (kept in the checkpoint, so it survives a resume)."""
     buf = io.StringIO()
@@ -112,7 +118,7 @@ class Strips:
         pass
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
-        if not self.every or (summary.epoch % self.every and summary.epoch != self.epochs):
+        if not due(summary.epoch, self.every, self.epochs):
             return
         if self.denoise is None:  # the EMA model is updated in place: wrapped once
             self.denoise = self.fast(state.ema.model)
@@ -138,7 +144,7 @@ class Checkpointer:
         pass
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
-        if summary.epoch % self.every and summary.epoch != self.epochs:
+        if not due(summary.epoch, self.every, self.epochs):
             return
         self.saver.save(self.path, {"run": self.run_config, **self.extra, **state.state_dict()})
 
