@@ -8,14 +8,18 @@
 Needs torch, numpy, Pillow, PyYAML and tqdm; not DVC, MLflow, kaggle or
 clean-fid (the stages run as plain scripts, tracking off; FID features resize
 on the device with torch). Parts, each guarded, so one failure is reported
-and the rest still run (default: the first four):
+and the rest still run (default: bench, graph, agree - about 10 minutes on an
+H200 by the component timings of 2026-11-28, not yet measured as a whole):
 
   bench     `ddpm bench --full` for the repository's params (README "Speed").
+  graph     the whole-step CUDA graph (train.cuda_graph: on) against the ordinary
+            step: img/s in both layouts, the loss over 520 steps beside fp32 eager,
+            a resume at the half; what `auto` waits for (see part_graph).
   agree     the seed U-Net on CUDA against an IEEE-fp32 reference: eager TF32,
             eager bf16, compiled bf16 (what sampling runs), as relative errors.
   stages    download -> preprocess -> train -> generate on synthetic data with
-            the seed model: the train stage under torchrun (one process, so no
-            NCCL) with the fast path; killed after its first checkpoint and rerun
+            the seed model: the train stage as dvc.yaml runs it (one process, so
+            no NCCL) with the fast path; killed after its first checkpoint and rerun
             (weights against the uninterrupted run); again in fp32 eager to
             compare the loss; what the stage spends besides its steps.
   variants  training images/s at larger batches; the cost of per-image noise.
@@ -55,11 +59,11 @@ sys.path.insert(0, str(REPO / "src"))
 from ddpm import bench, fid  # noqa: E402
 from ddpm.config import apply_override, load_params, params_from_dict  # noqa: E402
 from ddpm.demo import copy_pipeline  # noqa: E402
-from ddpm.generate import denoiser  # noqa: E402
+from ddpm.fastpath import denoiser  # noqa: E402
 from ddpm.samplers import ImageNoise  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
 
-PARTS = ("bench", "agree", "stages", "variants", "diag")
+PARTS = ("bench", "graph", "agree", "stages", "variants", "diag")
 DEVICE = torch.device("cuda")
 OVERRIDES: dict[str, Any] = {}  # --set, applied to the params of every part
 results: dict[str, Any] = {}
@@ -187,18 +191,17 @@ def _env(project: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1"}
 
 
-def _stage(project: Path, name: str, *args: str, torchrun: bool = False,
-           timeout: float = 600) -> float:
-    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node", "1"] if torchrun else []),
-           f"stages/{name}.py", *args]
+def _stage(project: Path, name: str, *args: str, timeout: float = 600) -> float:
+    """A stage as dvc.yaml runs it (`python stages/<name>.py ...`; train starts its own
+    workers when train.nproc > 1)."""
+    cmd = [sys.executable, f"stages/{name}.py", *args]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=project, env=_env(project), capture_output=True, text=True,
                           timeout=timeout)
     seconds = time.perf_counter() - start
     tail = [line for line in (done.stdout + done.stderr).splitlines()
             if line.strip() and "%|" not in line]
-    say(f"  {name}{' (torchrun, 1 process)' if torchrun else ''}: exit {done.returncode} "
+    say(f"  {name}: exit {done.returncode} "
         f"in {seconds:.1f} s")
     for line in tail[-8:]:
         say(f"    | {line[:200]}")
@@ -226,7 +229,7 @@ def part_stages(params, out: Path, epochs: int = 3) -> None:
     fig["download_s"] = _stage(fast, "download", "--out", "data/raw")
     fig["preprocess_s"] = _stage(fast, "preprocess", "--raw", "data/raw", "--out",
                                  "data/processed")
-    fig["train_fast_s"] = _stage(fast, "train", *TRAIN_ARGS, torchrun=True)
+    fig["train_fast_s"] = _stage(fast, "train", *TRAIN_ARGS)
     report = json.loads((fast / "reports/train.json").read_text())
     fig["train_fast_report"] = report
     fig["resume"] = check_resume(fast, root / "resume")
@@ -240,7 +243,7 @@ def part_stages(params, out: Path, epochs: int = 3) -> None:
     copy_pipeline(REPO, eager)
     _params_file(eager, {**common, "train.precision": "fp32", "train.compile": "off"})
     shutil.copytree(fast / "data/processed", eager / "data/processed")
-    fig["train_eager_s"] = _stage(eager, "train", *TRAIN_ARGS, torchrun=True)
+    fig["train_eager_s"] = _stage(eager, "train", *TRAIN_ARGS)
     fig["train_eager_report"] = json.loads((eager / "reports/train.json").read_text())
 
     fast_epochs = [e for e in _epochs(fast)][:epochs]
@@ -270,7 +273,6 @@ def check_resume(done: Path, project: Path) -> dict[str, Any]:
     copy_pipeline(REPO, project)
     shutil.copy(done / "params.yaml", project / "params.yaml")
     shutil.copytree(done / "data/processed", project / "data/processed")
-    # Without torchrun: its worker would outlive a SIGKILL of torchrun itself.
     cmd = [sys.executable, "stages/train.py", *TRAIN_ARGS]
     ckpt = project / "models/checkpoints/last.pt"
     proc = subprocess.Popen(cmd, cwd=project, env=_env(project), stdout=subprocess.DEVNULL,
@@ -280,7 +282,7 @@ def check_resume(done: Path, project: Path) -> dict[str, Any]:
     os.killpg(proc.pid, 9)
     proc.wait()
     killed_at = checkpoint.load(ckpt)["epoch"] if ckpt.exists() else None
-    seconds = _stage(project, "train", *TRAIN_ARGS, torchrun=True)
+    seconds = _stage(project, "train", *TRAIN_ARGS)
     a = checkpoint.load(done / "models/model.pt")
     b = checkpoint.load(project / "models/model.pt")
     fig: dict[str, Any] = {"killed_after_epoch": killed_at, "rerun_s": seconds}
@@ -299,6 +301,104 @@ def _epochs(project: Path) -> list[dict[str, Any]]:
     return checkpoint.load(project / "models/checkpoints/last.pt")["epochs_done"]
 
 
+def _losses(step: bench.BenchStep, steps: int, window: int = 20) -> list[float]:
+    """The mean loss of each `window` steps (one host read per window, as training does)."""
+    out = []
+    for i in range(steps):
+        step()
+        if (i + 1) % window == 0:
+            out.append(float(step.step.take_window()) / window)
+    return out
+
+
+def _snapshot(step: bench.BenchStep) -> dict[str, Any]:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(step.state.state_dict(), buffer)
+    # The epoch in progress too: its data order and cursor, as a checkpoint's loop restores
+    # them by replaying the epoch's shuffle.
+    return {"state": buffer.getvalue(), "calls": step.calls, "gen": step.gen.get_state(),
+            "order": step.step.order.clone(), "cursor": step.step.cursor.clone()}
+
+
+def _restore(step: bench.BenchStep, snap: dict[str, Any]) -> None:
+    import io
+
+    step.state.load_state_dict(torch.load(io.BytesIO(snap["state"]), weights_only=True))
+    step.calls = snap["calls"]
+    step.gen.set_state(snap["gen"])
+    step.step.order.copy_(snap["order"])
+    step.step.cursor.copy_(snap["cursor"])
+
+
+def part_graph(params, out: Path, steps: int = 520) -> None:
+    """Whole-step CUDA-graph capture (train.cuda_graph: on) against the ordinary step, same
+    seed, same data: images/s, the loss curve over `steps` steps (20-step means) beside an
+    fp32 eager run for the size of bf16's own noise, and a resume at the half (captured
+    again after it) against the uninterrupted captured run's weights. What decides
+    whether `auto` may turn capture on (README, "Speed")."""
+    import dataclasses
+
+    device, batch = DEVICE, params.train.batch_size
+    if device.type != "cuda":
+        steps = 40
+    fig: dict[str, Any] = {"steps": steps, "batch": batch}
+    results["graph"] = fig
+
+    def variant(**train):
+        return dataclasses.replace(params, train=dataclasses.replace(params.train, **train))
+
+    captured_params = variant(cuda_graph="on")
+    runs = {"ordinary": bench.fast_step(variant(cuda_graph="off"), device, batch),
+            "captured": bench.fast_step(captured_params, device, batch),
+            "fp32 eager": bench.eager_step(params, device, batch)}
+    curves = {}
+    for name, step in runs.items():
+        start = time.perf_counter()
+        curves[name] = _losses(step, steps)
+        sync()
+        fig[name] = {"variant": step.variant, "fallbacks": sorted(set(step.fallbacks)),
+                     "seconds": time.perf_counter() - start, "losses": curves[name]}
+        say(f"graph: {name:<10} [{step.variant}] {steps} steps in {fig[name]['seconds']:.1f} s"
+            + (f"; fell back: {fig[name]['fallbacks']}" if step.fallbacks else ""))
+    for a, b in (("captured", "ordinary"), ("ordinary", "fp32 eager")):
+        rel = [abs(x - y) / y for x, y in zip(curves[a], curves[b])]
+        fig[f"{a} vs {b}"] = {"max_rel": max(rel), "mean_rel": sum(rel) / len(rel)}
+        say(f"  loss curve {a} vs {b}: mean rel diff {fig[f'{a} vs {b}']['mean_rel']:.2%}, "
+            f"max {fig[f'{a} vs {b}']['max_rel']:.2%}")
+    n = bench.Counts(5, 40, 0, 0, 0, 0, 0) if device.type == "cuda" else bench.Counts(1, 3, 0, 0, 0, 0, 0)
+    # Speed, and the layout choice: NHWC GroupNorm still copies in torch 2.11, so
+    # channels-last may lose once compile fuses the norms.
+    timings = {"ordinary": {"cuda_graph": "off"}, "captured": {"cuda_graph": "on"},
+               "captured contiguous": {"cuda_graph": "on", "channels_last": "off"},
+               "ordinary contiguous": {"cuda_graph": "off", "channels_last": "off"}}
+    for name, switches in timings.items():
+        fresh_compiles()
+        timed = bench.measure_training(bench.fast_step(variant(**switches), device, batch), n,
+                                       device)
+        fig.setdefault(name, {})["images_per_s"] = timed["images_per_s"]
+        say(f"  {name:<20} {timed['images_per_s']:>8,.0f} img/s  [{timed['config']}]")
+    fig["speedup"] = fig["captured"]["images_per_s"] / fig["ordinary"]["images_per_s"]
+    say(f"  captured / ordinary: {fig['speedup']:.2f}x")
+
+    fresh_compiles()
+    half = steps // 2
+    whole = bench.fast_step(captured_params, device, batch)
+    _losses(whole, half)
+    snap = _snapshot(whole)
+    _losses(whole, steps - half)
+    resumed = bench.fast_step(captured_params, device, batch)
+    _restore(resumed, snap)
+    _losses(resumed, steps - half)
+    sync()
+    diff = max(float((a - b).abs().max()) for a, b in
+               zip(whole.state.model.state_dict().values(), resumed.state.model.state_dict().values()))
+    fig["resume_max_abs_diff"] = diff
+    say(f"  resume at step {half}, captured again: max |w - w_uninterrupted| {diff:.2e}"
+        + (" (bit-identical)" if diff == 0 else ""))
+
+
 def part_variants(params, out: Path) -> None:
     device = DEVICE
     cuda = device.type == "cuda"
@@ -306,9 +406,10 @@ def part_variants(params, out: Path) -> None:
     fig: dict[str, Any] = {}
     size = params.preprocess.image_size
     for batch in ((128, 256) if cuda else (16,)):
-        trainer = bench.fast_trainer(params, device, batch)
-        figures, fallback = bench.measure_training(trainer, n, device)
-        flop = 3 * bench.forward_flops(trainer.model, size)
+        trainer = bench.fast_step(params, device, batch)
+        figures = bench.measure_training(trainer, n, device)
+        fallback = "; ".join(figures["fallbacks"])
+        flop = 3 * bench.forward_flops(trainer.state.model, size)
         fig[f"train_batch_{batch}"] = {**figures, "tflops": figures["images_per_s"] * flop / 1e12}
         say(f"variants: fast path at batch {batch}: {figures['images_per_s']:,.0f} img/s, "
             f"{figures['images_per_s'] * flop / 1e12:,.0f} TFLOP/s"
@@ -355,23 +456,23 @@ def part_diag(params, out: Path) -> None:
         return dataclasses.replace(params, train=dataclasses.replace(params.train, **train))
 
     variants = [  # (label, trainer factory, compiled)
-        ("eager fp32 contiguous (seed)", lambda: bench.eager_trainer(params, device, batch), False),
-        ("eager bf16 channels_last", lambda: bench.fast_trainer(
+        ("eager fp32 contiguous (seed)", lambda: bench.eager_step(params, device, batch), False),
+        ("eager bf16 channels_last", lambda: bench.fast_step(
             variant(compile="off", channels_last="on"), device, batch), False),
-        ("eager bf16 contiguous", lambda: bench.fast_trainer(
+        ("eager bf16 contiguous", lambda: bench.fast_step(
             variant(compile="off", channels_last="off"), device, batch), False),
-        ("compiled bf16 contiguous", lambda: bench.fast_trainer(
+        ("compiled bf16 contiguous", lambda: bench.fast_step(
             variant(compile="on", channels_last="off"), device, batch), True),
-        ("compiled bf16 channels_last", lambda: bench.fast_trainer(
+        ("compiled bf16 channels_last", lambda: bench.fast_step(
             variant(compile="on", channels_last="on"), device, batch), True),
-        ("compiled bf16 contiguous reduce-overhead", lambda: bench.fast_trainer(
+        ("compiled bf16 contiguous reduce-overhead", lambda: bench.fast_step(
             variant(compile="on", channels_last="off", compile_mode="reduce-overhead"),
             device, batch), True),
     ]
     for label, make, compiled in variants:
         trainer = make()
-        figures, fallback = bench.measure_training(trainer, bench.Counts(3, 20, 0, 0, 0, 0, 0),
-                                                   device)
+        figures = bench.measure_training(trainer, bench.Counts(3, 20, 0, 0, 0, 0, 0), device)
+        fallback = "; ".join(figures["fallbacks"])
         ips = figures["images_per_s"]
         fig[label] = {"images_per_s": ips, "first_step_s": figures["first_step_s"],
                       "fallback": fallback}
@@ -392,7 +493,7 @@ def _profile(trainer: Any, label: str, fig: dict[str, Any], out: Path, steps: in
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            trainer.step()
+            trainer()
         sync()
     wall = (time.perf_counter() - start) / steps
     events = sorted(prof.key_averages(), key=_device_us, reverse=True)
@@ -428,7 +529,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--write-standin", type=Path, metavar="FILE.pt.xz",
                    help="write the zeroed FID network for --inception-standin, then exit")
-    p.add_argument("--only", default=",".join(PARTS[:4]), help=f"comma-separated: {', '.join(PARTS)}")
+    p.add_argument("--only", default="bench,graph,agree",
+                   help=f"comma-separated: {', '.join(PARTS)}")
     p.add_argument("--inception-standin", type=Path)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="cuda")
@@ -456,7 +558,7 @@ def main() -> None:
                            capture_output=True, text=True, timeout=30).stdout.strip())
     if args.inception_standin:
         use_inception_standin(args.inception_standin)
-    parts: dict[str, Callable] = {"bench": part_bench, "agree": part_agree,
+    parts: dict[str, Callable] = {"bench": part_bench, "graph": part_graph, "agree": part_agree,
                                   "stages": part_stages, "variants": part_variants,
                                   "diag": part_diag}
     for name in args.only.split(","):

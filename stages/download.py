@@ -1,11 +1,15 @@
 """Stage `download`: the raw Stanford Cars layout into data/raw/ (data.source decides from where)."""
 
+import sys
 from pathlib import Path
 
-from ddpm import stageutil
-from ddpm.atomic import atomic_directory
-from ddpm.download import DownloadError, fetch_archive, fetch_kaggle
-from ddpm.synthetic import write_synthetic_dataset
+# This checkout's library, not an installed one: the code dvc.lock hashed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ddpm import stageutil  # noqa: E402
+from ddpm.atomic import atomic_directory  # noqa: E402
+from ddpm.download import DownloadError, fetch_archive, fetch_kaggle  # noqa: E402
+from ddpm.synthetic import write_synthetic_dataset  # noqa: E402
 
 
 def main() -> None:

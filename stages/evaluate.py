@@ -1,13 +1,16 @@
 """Stage `evaluate`: FID and KID of the generated samples against the reference statistics."""
 
+import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from ddpm import atomic, fid, stageutil
-from ddpm.config import flatten
-from ddpm.tracking import Tracker, select
+# This checkout's library, not an installed one: the code dvc.lock hashed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ddpm import atomic, fid, stageutil  # noqa: E402
+from ddpm.config import flatten  # noqa: E402
+from ddpm.tracking import Tracker, select  # noqa: E402
 
 
 def main() -> None:
@@ -21,22 +24,16 @@ def main() -> None:
     params = stageutil.load(args)
     cfg = params.evaluate
 
-    reference = fid.load_stats(args.reference)
-    samples = np.load(args.samples / "samples.npy")
-    network = fid.load_inception(cfg.device)
-    with tqdm(total=len(samples), desc="sample features", unit="img") as bar:
-        features = fid.extract_features(samples, network, cfg.batch_size, progress=bar.update)
-    stats = fid.feature_stats(features)
-    result = {
-        "fid": fid.frechet_distance(stats["mu"], stats["sigma"], reference["mu"], reference["sigma"]),
-        "num_samples": int(len(samples)),
-        "num_reference": int(reference["meta"].get("count", len(reference["mu"]))),
-    }
+    samples = args.samples / "samples.npy"
+    with tqdm(desc="sample features", unit="img") as bar:
+        scored = fid.compare(samples, args.reference, device=cfg.device, kid=cfg.kid,
+                             batch_size=cfg.batch_size, kid_subsets=cfg.kid_subsets,
+                             kid_subset_size=cfg.kid_subset_size, progress=bar.update)
+    result = {"fid": scored["fid"], "num_samples": scored["count_a"],
+              "num_reference": scored["count_b"]}
     if cfg.kid:
-        result["kid"], result["kid_std"] = fid.kernel_inception_distance(
-            features, reference["features"], num_subsets=cfg.kid_subsets,
-            subset_size=cfg.kid_subset_size)
-    if len(samples) < 2048:
+        result["kid"], result["kid_std"] = scored["kid"], scored["kid_std"]
+    if scored["count_a"] < 2048:
         result["note"] = "fewer than 2,048 samples: FID is biased upwards (covariance not full rank)"
     atomic.write_json(args.out, result)
     tracker = Tracker(params.mlflow)
@@ -46,8 +43,8 @@ def main() -> None:
                              if isinstance(v, (int, float))})
         tracker.log_artifact(args.out, "reports")
     kid = f", KID {result['kid']:.5f} ± {result['kid_std']:.5f}" if cfg.kid else ""
-    stageutil.log(f"FID {result['fid']:.2f}{kid} on {len(samples)} samples -> {args.out}")
+    stageutil.log(f"FID {result['fid']:.2f}{kid} on {result['num_samples']} samples -> {args.out}")
 
 
 if __name__ == "__main__":
-    stageutil.run(main, expected=(fid.FidWeightsError,))
+    stageutil.run(main, expected=(fid.FidWeightsError, fid.FidInputError))

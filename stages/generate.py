@@ -1,26 +1,30 @@
 """Stage `generate`: samples from models/model.pt (for FID) and the figures: grid, strips, GIF."""
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from ddpm import atomic, checkpoint, stageutil
-from ddpm.checkpoint import CheckpointError
-from ddpm.config import ConfigError, flatten
-from ddpm.diffusion import make_schedule
-from ddpm.generate import denoiser, generate_samples, write_figures
-from ddpm.preprocess import load_processed
-from ddpm.tracking import Tracker, select
-from ddpm.device import resolve_device
-from ddpm.training import load_model
+# This checkout's library, not an installed one: the code dvc.lock hashed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ddpm import atomic, checkpoint, stageutil  # noqa: E402
+from ddpm.checkpoint import CheckpointError  # noqa: E402
+from ddpm.config import ConfigError, flatten  # noqa: E402
+from ddpm.diffusion import make_schedule  # noqa: E402
+from ddpm.fastpath import denoiser  # noqa: E402
+from ddpm.generate import generate_samples, write_figures  # noqa: E402
+from ddpm.processed import load_processed  # noqa: E402
+from ddpm.tracking import Tracker, select  # noqa: E402
+from ddpm.device import resolve_device  # noqa: E402
 
 
 def main() -> None:
     p = stageutil.parser(__doc__)
     p.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    p.add_argument("--best", type=Path, default=Path("models/best.pt"))
     p.add_argument("--data", type=Path, default=Path("data/processed"))
     p.add_argument("--out", type=Path, default=Path("data/generated"))
     p.add_argument("--figures", type=Path, default=Path("reports/figures"))
@@ -31,7 +35,14 @@ def main() -> None:
     cfg = params.generate
 
     device = resolve_device(cfg.device)
-    model, diffusion_cfg, size = load_model(checkpoint.load(args.model), cfg.weights, device)
+    path = args.best if cfg.checkpoint == "best" else args.model
+    payload = checkpoint.load(path, hint="rerun the train stage (dvc repro train)")
+    selected = payload.get("selected", {})
+    if cfg.checkpoint == "best":
+        stageutil.log(f"generate.checkpoint is best: {path}, selected by {selected.get('by')}"
+                      + (f" (epoch {selected['epoch']}, FID {selected['fid']:.2f} on "
+                         f"{selected['samples']} samples)" if "fid" in selected else ""))
+    model, diffusion_cfg, size = checkpoint.load_model(payload, cfg.weights, device)
     if cfg.sampler == "ddim" and cfg.steps > diffusion_cfg.steps:
         raise ConfigError(f"params.yaml: generate.steps: the model was trained with "
                           f"{diffusion_cfg.steps} diffusion steps; DDIM can take at most that "
@@ -53,6 +64,8 @@ def main() -> None:
             np.save(tmp / "samples.npy", samples)
             atomic.write_json(tmp / "info.json", {
                 "count": int(len(samples)), "sampler": cfg.sampler, "steps": steps, "eta": cfg.eta,
+                "variance": cfg.variance, "clip": cfg.clip, "checkpoint": str(path),
+                "epoch": payload.get("epoch"),
                 "weights": cfg.weights, "seed": cfg.seed, "seconds": seconds,
                 "images_per_s": len(samples) / seconds, "device": str(device)})
 

@@ -1,12 +1,16 @@
 """Stage `preprocess`: every raw image -> one uint8 N x 3 x S x S array + manifest.json."""
 
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ddpm import stageutil
-from ddpm.annotations import read_bboxes
-from ddpm.preprocess import PreprocessError, preprocess
+# This checkout's library, not an installed one: the code dvc.lock hashed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ddpm import stageutil  # noqa: E402
+from ddpm.annotations import read_bboxes  # noqa: E402
+from ddpm.preprocess import PreprocessError, preprocess  # noqa: E402
 
 
 def main() -> None:

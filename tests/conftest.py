@@ -30,8 +30,10 @@ def write_processed(out: Path, images: np.ndarray) -> Path:
 
 
 def write_params(path: Path, overrides: dict) -> Path:
-    """The repository's params.yaml with `overrides` ({section: {key: value}}) applied."""
+    """The repository's params.yaml with `overrides` ({section: {key: value}}) applied, and
+    in-training FID off unless they turn it on (it needs the reference stage's output)."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["fid_every"] = 0
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -33,6 +33,9 @@ def test_repository_params_load_and_match_the_seed():
     ("model", "channels", [64, 100, 256, 512], ["model.channels", "multiple"]),
     ("generate", "sampler", "euler", ["generate.sampler", "ddpm", "ddim"]),
     ("train", "flip", "yes", ["train.flip", "true or false"]),
+    ("generate", "variance", "large", ["generate.variance", "posterior", "beta"]),
+    ("model", "attention_norm", "no", ["model.attention_norm", "true or false"]),
+    ("train", "cuda_graph", "yes", ["train.cuda_graph", "auto", "on", "off"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, fragments):
     raw = raw_params()
@@ -67,3 +70,17 @@ def test_a_stage_with_bad_params_exits_before_work(tmp_path):
     assert done.returncode != 0
     assert "train.epochs" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "raw").exists()
+
+
+def test_the_beta_variance_is_for_the_ddpm_sampler_only():
+    raw = raw_params()
+    raw["generate"].update(sampler="ddim", variance="beta")
+    with pytest.raises(ConfigError, match="generate.variance.*generate.eta"):
+        params_from_dict(raw)
+
+
+def test_a_whole_step_graph_refuses_compiles_that_make_their_own_graphs():
+    raw = raw_params()
+    raw["train"].update(cuda_graph="on", compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="train.cuda_graph.*compile_mode"):
+        params_from_dict(raw)

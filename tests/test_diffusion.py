@@ -77,6 +77,45 @@ def test_ddpm_step_with_an_oracle_lands_on_the_posterior_mean():
     assert torch.allclose(last, x0, atol=1e-4)
 
 
+def test_unclipped_ddpm_step_is_algorithm_2_with_either_variance():
+    """The seed module's p_sample: mean (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) /
+    sqrt(alpha_t), noise sqrt(beta_t) z; the posterior variance adds sqrt(beta_tilde_t) z."""
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn((3, 3, 4, 4), generator=gen) * 2  # predicted x0 well outside [-1, 1]
+    eps, z = torch.randn(x_t.shape, generator=gen), torch.randn(x_t.shape, generator=gen)
+    t = torch.tensor([1, 200, 511])
+    b, a, ab = (v[t].view(-1, 1, 1, 1).double() for v in (S.betas, S.alphas, S.alpha_bar))
+    mean = (x_t.double() - b / (1 - ab).sqrt() * eps.double()) / a.sqrt()
+    for variance, var in (("beta", b), ("posterior", S.posterior_variance[t].view(-1, 1, 1, 1))):
+        out = ddpm_step(S, x_t, t, eps, z, clip=False, variance=variance)
+        assert torch.allclose(out.double(), mean + var.double().sqrt() * z, atol=1e-4), variance
+    clipped = ddpm_step(S, x_t, t, eps, z, clip=True, variance="beta")
+    assert not torch.allclose(clipped, ddpm_step(S, x_t, t, eps, z, clip=False, variance="beta"))
+    with pytest.raises(ValueError, match="posterior, beta"):
+        ddpm_step(S, x_t, t, eps, z, variance="fixed_large")
+
+
+def test_sampler_options_reach_every_step():
+    gen = torch.Generator().manual_seed(4)
+    x_T = torch.randn((2, 3, 4, 4), generator=gen)
+    small = make_schedule(DiffusionConfig(steps=20))
+
+    def wild(x, t):  # an eps that makes x0 leave [-1, 1]
+        return -3 * x
+
+    runs = {(clip, variance): sample_ddpm(wild, small, x_T, ImageNoise(0, range(2)), clip=clip,
+                                          variance=variance)
+            for clip in (True, False) for variance in ("posterior", "beta")}
+    assert len({tuple(r.flatten().tolist()) for r in runs.values()}) == 4
+    assert runs[(True, "posterior")].abs().max() <= 1 + 1e-5  # the last step returns x0
+    assert runs[(False, "posterior")].abs().max() > 1.5
+    unclipped = sample_ddim(wild, small, x_T, ImageNoise(0, range(2)), steps=5, clip=False)
+    assert not torch.allclose(unclipped, sample_ddim(wild, small, x_T, ImageNoise(0, range(2)),
+                                                     steps=5))
+    with pytest.raises(ValueError, match="eta"):
+        sample_ddim(wild, small, x_T, ImageNoise(0, range(2)), steps=5, variance="beta")
+
+
 def test_ddim_with_all_steps_and_eta_1_matches_ancestral_statistics():
     """With every step and eta = 1, DDIM's sigma equals sqrt(beta_tilde): the DDPM sampler."""
     schedule = make_schedule(DiffusionConfig(steps=50))

@@ -1,7 +1,6 @@
 """torchrun with 2 gloo processes computes what one process does on the same global batch."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -190,7 +190,7 @@ def test_fetch_archive_explains_a_missing_file_or_a_non_zip(tmp_path):
 def test_archive_without_images_is_refused(tmp_path):
     raw = populated_raw_dir(tmp_path)
     archive = write_zip(tmp_path / "other.zip", [("readme.txt", b"hello")])
-    with pytest.raises(DownloadError, match="no JPEG images"):
+    with pytest.raises(DownloadError, match="holds no images"):
         fetch_archive(archive, raw)
     assert_untouched(raw)
 

@@ -1,7 +1,6 @@
 """The whole pipeline through `dvc repro` on tiny synthetic data, with MLflow tracking."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ TINY_PIPELINE = {
     "preprocess": {"image_size": 16},
     "diffusion": {"steps": 20},
     "model": {"channels": [32, 64], "attention": [False, True], "blocks_per_level": 1, "dropout": 0.0},
-    "train": {"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1},
+    "train": {"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1,
+              "fid_every": 1, "fid_samples": 8, "fid_steps": 3},
     "generate": {"num_samples": 24, "sampler": "ddim", "steps": 5, "batch_size": 24, "grid_size": 16},
     "evaluate": {"kid_subset_size": 10, "kid_subsets": 5, "batch_size": 24},
 }
@@ -42,7 +42,8 @@ def project(tmp_path_factory):
 
 
 def test_repro_produces_every_output(project):
-    for rel in ("models/model.pt", "models/checkpoints/last.pt", "reports/train.json",
+    for rel in ("models/model.pt", "models/best.pt", "models/checkpoints/last.pt",
+                "reports/train.json", "reports/train_fid.csv",
                 "reports/train_loss.csv", "reports/figures/samples.png", "reports/figures/forward.png",
                 "reports/figures/reverse.png", "reports/figures/reverse.gif", "reports/eval.json",
                 "data/reference/stats.npz", "data/generated/samples.npy"):
@@ -51,8 +52,32 @@ def test_repro_produces_every_output(project):
     assert np.isfinite(result["fid"]) and np.isfinite(result["kid"]) and result["num_samples"] == 24
     metrics = dvc("metrics", "show", cwd=project).stdout
     assert "fid" in metrics and "final_loss" in metrics
-    assert "train_loss.csv" in dvc("plots", "show", cwd=project).stdout + \
-        dvc("plots", "show", "--json", cwd=project).stdout
+    plots = dvc("plots", "show", "--json", cwd=project).stdout
+    assert "train_loss.csv" in plots and "train_fid.csv" in plots
+
+
+def test_the_fid_curve_has_a_finite_row_per_epoch_in_the_csv_the_report_and_mlflow(project):
+    import csv
+
+    rows = list(csv.DictReader((project / "reports" / "train_fid.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # train.fid_every: 1
+    assert all(np.isfinite(float(r["fid"])) and np.isfinite(float(r["kid"])) for r in rows)
+    assert all(int(r["samples"]) == 8 for r in rows)
+    assert float(rows[0]["seconds"]) < float(rows[1]["seconds"])
+    report = json.loads((project / "reports" / "train.json").read_text())
+    best = min(rows, key=lambda r: float(r["fid"]))
+    assert report["best_epoch"] == int(best["epoch"])
+    assert report["best_fid"] == pytest.approx(float(best["fid"]), rel=1e-5)
+    client, (run,) = runs(project)
+    fids = client.get_metric_history(run.info.run_id, "train/fid")
+    assert sorted(m.step for m in fids) == [int(r["step"]) for r in rows]
+    assert len(client.get_metric_history(run.info.run_id, "train/seconds")) == len(rows)
+    assert run.data.metrics["train/best_fid"] == pytest.approx(report["best_fid"], rel=1e-5)
+    import torch
+
+    best_pt = torch.load(project / "models" / "best.pt", weights_only=True)
+    assert best_pt["selected"]["epoch"] == report["best_epoch"]
+    assert set(best_pt) >= {"config", "model", "ema", "epoch", "step"}  # model.pt's format
 
 
 def test_the_run_holds_params_metrics_images_and_tags(project):
@@ -100,7 +125,6 @@ def test_changing_evaluate_never_reruns_reference_and_does_not_fail(project):
 
 
 def test_queued_experiments_land_in_the_repository_store(tmp_path):
-    import subprocess
     import time
 
     root = make_dvc_project(tmp_path / "queue", TINY_PIPELINE)
@@ -131,7 +155,7 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path):
 def test_training_survives_an_unreachable_tracking_server(tmp_path):
     import socket
 
-    from conftest import REPO, run_stage, write_params
+    from conftest import run_stage, write_params
     from ddpm.synthetic import write_synthetic_dataset
     from ddpm.config import PreprocessConfig
     from ddpm.preprocess import preprocess
@@ -141,7 +165,8 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    params = write_params(tmp_path / "params.yaml", TINY_PIPELINE)
+    no_fid = {**TINY_PIPELINE, "train": {**TINY_PIPELINE["train"], "fid_every": 0}}
+    params = write_params(tmp_path / "params.yaml", no_fid)
     done = run_stage("train", "--params", str(params), "--data", str(tmp_path / "processed"),
                      "--model", str(tmp_path / "model.pt"), "--checkpoints", str(tmp_path / "ckpt"),
                      "--reports", str(tmp_path / "reports"), "--strips", str(tmp_path / "strips"),

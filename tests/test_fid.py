@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,7 +120,8 @@ def test_matches_clean_fid_on_png_folders(tmp_path, model, sets, features):
         num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
     ours = fid.fid_from_features(features["a"], features["b"])
 
-    np.testing.assert_array_equal(fid.load_images(tmp_path / "a"), sets["a"])  # same pixels
+    pixels = torch.stack([fid._read_rgb(f) for f in fid.image_files(tmp_path / "a")])
+    np.testing.assert_array_equal(pixels.numpy(), sets["a"])  # same pixels
     seen = torch.cat(seen).double().numpy()
     np.testing.assert_allclose(seen, np.concatenate([features["a"], features["b"]]), rtol=0, atol=1e-4)
     assert ours > 50  # blobs vs stripes: clearly different
@@ -227,52 +231,75 @@ def test_gpu_convolutions_run_in_full_fp32_and_settings_are_restored():
 # ---------------------------------------------------------------- files
 
 
-def test_load_images_formats(tmp_path):
+def test_image_sources_of_every_kind_give_the_same_features(tmp_path):
     images = blobs(4, seed=5, size=16)
-    write_pngs(images, tmp_path / "png")
+    write_pngs(images, tmp_path / "png" / "sub")  # folders are searched recursively
     (tmp_path / "png" / "notes.txt").write_text("ignored")
-    np.testing.assert_array_equal(fid.load_images(tmp_path / "png"), images)
-
     np.save(tmp_path / "nchw.npy", images)
     np.save(tmp_path / "nhwc.npy", images.transpose(0, 2, 3, 1))
     np.savez(tmp_path / "keyed.npz", labels=np.arange(4), images=images)
     np.savez(tmp_path / "single.npz", images.transpose(0, 2, 3, 1))
     torch.save(torch.from_numpy(images), tmp_path / "tensor.pt")
     torch.save({"images": torch.from_numpy(images), "count": 4}, tmp_path / "dict.pt")
-    for name in ("nchw.npy", "nhwc.npy", "keyed.npz", "single.npz", "tensor.pt", "dict.pt"):
-        loaded = fid.load_images(tmp_path / name)
-        assert loaded.dtype == np.uint8 and loaded.flags.c_contiguous, name
-        np.testing.assert_array_equal(loaded, images, err_msg=name)
+    model = ChannelStats()
+    expected = fid.extract_features(images, model)
+    for name in ("png", "nchw.npy", "nhwc.npy", "keyed.npz", "single.npz", "tensor.pt",
+                 "dict.pt"):
+        stats = fid.set_stats(tmp_path / name, lambda: model)
+        np.testing.assert_allclose(stats["features"], expected, rtol=1e-6, err_msg=name)
+        assert stats["count"] == 4
 
 
-def test_load_images_jpeg_and_grayscale_become_rgb(tmp_path):
+def test_jpeg_grayscale_and_palette_files_become_rgb(tmp_path):
     Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "a.jpg")
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "b.PNG")
-    loaded = fid.load_images(tmp_path)
-    assert loaded.shape == (2, 3, 8, 8)
-    assert abs(int(loaded[0].mean()) - 77) <= 1 and (loaded[1] == 200).all()
+    Image.fromarray(np.full((8, 8), 3, np.uint8)).convert("P").save(tmp_path / "c.gif")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 250
+    Image.fromarray(rgba).save(tmp_path / "d.png")
+    read = [fid._read_rgb(f) for f in fid.image_files(tmp_path)]
+    assert [tuple(x.shape) for x in read] == [(3, 8, 8)] * 4
+    assert abs(int(read[0].float().mean()) - 77) <= 1 and (read[1] == 200).all()
+    assert (read[3][0] == 250).all()
 
 
-def test_load_images_errors(tmp_path):
+def test_a_folder_is_read_a_batch_at_a_time(tmp_path, monkeypatch):
+    write_pngs(blobs(7, seed=6, size=16), tmp_path / "f")
+    reads, peak = [], []
+    real = fid._read_rgb
+
+    def counting(file):
+        reads.append(file)
+        return real(file)
+
+    class Peak(ChannelStats):
+        def forward(self, x):
+            peak.append(len(reads) - sum(peak))  # files read since the last batch
+            return super().forward(x)
+
+    monkeypatch.setattr(fid, "_read_rgb", counting)
+    stats = fid.set_stats(tmp_path / "f", Peak, batch_size=3)
+    assert stats["count"] == 7 and peak == [3, 3, 1]
+
+
+def test_bad_sources_are_named_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no PNG or JPEG"):
-        fid.load_images(tmp_path / "empty")
-    (tmp_path / "x.gif").write_bytes(b"GIF89a")
-    with pytest.raises(ValueError, match="unknown image format"):
-        fid.load_images(tmp_path / "x.gif")
-    with pytest.raises(FileNotFoundError):
-        fid.load_images(tmp_path / "nothing.npy")
+    cases = {"empty": "no images in this folder", "nothing.npy": "no such file or folder"}
+    (tmp_path / "x.txt").write_text("hello")
+    cases["x.txt"] = "unknown format '.txt'"
     np.save(tmp_path / "float.npy", np.zeros((2, 3, 8, 8), np.float32))
-    with pytest.raises(ValueError, match="uint8"):
-        fid.load_images(tmp_path / "float.npy")
+    cases["float.npy"] = "uint8"
     np.savez(tmp_path / "two.npz", a=np.zeros((2, 3, 8, 8), np.uint8), b=np.zeros(2))
-    with pytest.raises(ValueError, match="'images'"):
-        fid.load_images(tmp_path / "two.npz")
-    (tmp_path / "mixed").mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "mixed" / "a.png")
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "mixed" / "b.png")
-    with pytest.raises(ValueError, match="differ in size"):
-        fid.load_images(tmp_path / "mixed")
+    cases["two.npz"] = "'images'"
+    (tmp_path / "broken").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "broken" / "a.png")
+    (tmp_path / "broken" / "b.jpg").write_bytes(b"not a jpeg")
+    cases["broken"] = "b.jpg: not an image Pillow can read"
+    (tmp_path / "garbled.npy").write_bytes(b"\x93NUMPY garbage")
+    cases["garbled.npy"] = "cannot be read as .npy"
+    for name, fragment in cases.items():
+        with pytest.raises(fid.FidInputError, match=re.escape(fragment)):
+            fid.set_stats(tmp_path / name, ChannelStats)
 
 
 class ChannelStats(torch.nn.Module):
@@ -311,13 +338,101 @@ def test_stats_round_trip_and_compare_with_a_stats_file(tmp_path, sets):
     assert fid.compare(sets["a"], sets["b"], kid=False, model=model)["kid"] is None
 
 
-def test_stats_from_another_network_are_refused(tmp_path, sets):
+@pytest.mark.parametrize("key, value", [("network_sha256", "0" * 64),
+                                        ("resize", "clean-fid 'clean': PIL bicubic"),
+                                        ("resize_version", 0), ("resize_version", None)])
+def test_stats_from_another_network_or_resizer_are_refused(tmp_path, sets, key, value):
     stats = fid.feature_stats(np.random.default_rng(0).standard_normal((5, 8)))
     fid.save_stats(tmp_path / "s.npz", stats, {})
     with np.load(tmp_path / "s.npz") as archive:
         arrays = dict(archive)
     meta = json.loads(str(arrays["meta"]))
-    arrays["meta"] = np.array(json.dumps({**meta, "network_sha256": "0" * 64}))
+    meta = {k: v for k, v in meta.items() if k != key} if value is None else {**meta, key: value}
+    arrays["meta"] = np.array(json.dumps(meta))
     np.savez(tmp_path / "other.npz", **arrays)
-    with pytest.raises(ValueError, match="network_sha256"):
+    with pytest.raises(fid.FidInputError, match=f"{key}.*recompute the statistics"):
         fid.compare(sets["a"], tmp_path / "other.npz", model=ChannelStats())
+
+
+# ---------------------------------------------------------------- one path, end to end
+
+
+def ddpm_fid(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddpm.cli", "fid", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # inside clean-fid
+def test_a_folder_of_mixed_size_jpegs_scores_as_clean_fid(tmp_path, model, sets):
+    """Each JPEG resized to 299 from its own size (3 sizes, grayscale among them) against a
+    folder of PNGs: the command's FID equals clean-fid's compute_fid with the same network."""
+    from cleanfid import fid as cleanfid_fid
+
+    rng = np.random.default_rng(9)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, image in enumerate(stripes(12, seed=4, size=96)):
+        w, h = [(96, 96), (120, 80), (50, 70)][i % 3]
+        picture = Image.fromarray(image.transpose(1, 2, 0)).resize((w, h), Image.BILINEAR)
+        if i % 4 == 0:
+            picture = picture.convert("L")
+        picture.save(mixed / f"{i:02d}.jpg", quality=int(rng.integers(70, 95)))
+    write_pngs(sets["a"], tmp_path / "a")
+    theirs = cleanfid_fid.compute_fid(
+        str(mixed), str(tmp_path / "a"), mode="clean", custom_feat_extractor=model,
+        num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
+    ours = fid.compare(mixed, tmp_path / "a", kid=False, batch_size=5, model=model)
+    assert ours["count_a"] == 12 and ours["count_b"] == N
+    assert abs(ours["fid"] - theirs) < 1e-2, (ours["fid"], theirs)
+
+
+def test_the_evaluate_stage_and_ddpm_fid_give_the_same_numbers(tmp_path, sets, features):
+    from conftest import run_stage, write_params
+
+    fid.save_stats(tmp_path / "stats.npz", fid.feature_stats(features["a"]), {})
+    (tmp_path / "generated").mkdir()
+    np.save(tmp_path / "generated" / "samples.npy", sets["b"])
+    params = write_params(tmp_path / "params.yaml", {
+        "evaluate": {"kid_subsets": 7, "kid_subset_size": 10, "batch_size": 10,
+                     "device": "cpu"}, "mlflow": {"enabled": False}})
+    run_stage("evaluate", "--params", str(params), "--samples", str(tmp_path / "generated"),
+              "--reference", str(tmp_path / "stats.npz"), "--out", str(tmp_path / "eval.json"),
+              "--generate-run", str(tmp_path / "gen.json"), "--run-file",
+              str(tmp_path / "run.json"), cwd=tmp_path)
+    stage = json.loads((tmp_path / "eval.json").read_text())
+    done = ddpm_fid(str(tmp_path / "generated" / "samples.npy"), str(tmp_path / "stats.npz"),
+                    "--device", "cpu", "--batch-size", "10", "--kid-subsets", "7",
+                    "--kid-subset-size", "10", "--json")
+    assert done.returncode == 0, done.stderr
+    command = json.loads(done.stdout)
+    assert (stage["fid"], stage["kid"], stage["kid_std"]) == \
+        (command["fid"], command["kid"], command["kid_std"])
+    assert stage["num_samples"] == command["count_a"] == N
+    assert stage["num_reference"] == command["count_b"] == N
+
+
+def test_user_errors_of_ddpm_fid_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.txt").write_text("hello")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "b.jpg").write_bytes(b"not a jpeg")
+    np.save(tmp_path / "float.npy", np.zeros((2, 3, 8, 8), np.float32))
+    stats = fid.feature_stats(np.random.default_rng(0).standard_normal((5, 8)))
+    fid.save_stats(tmp_path / "s.npz", stats, {})
+    with np.load(tmp_path / "s.npz") as archive:
+        arrays = dict(archive)
+    arrays["meta"] = np.array(json.dumps({"network_sha256": "0" * 64}))
+    np.savez(tmp_path / "old.npz", **arrays)
+    cases = [(["nowhere", "s.npz"], "nowhere: no such file or folder"),
+             (["empty", "s.npz"], "no images in this folder"),
+             (["x.txt", "s.npz"], "unknown format '.txt'"),
+             (["broken", "s.npz"], "b.jpg: not an image Pillow can read"),
+             (["float.npy", "s.npz"], "must be uint8"),
+             (["s.npz", "old.npz"], "recompute the statistics"),
+             (["s.npz", "s.npz", "--kid-subsets", "x"], "invalid int value")]
+    for args, fragment in cases:
+        done = ddpm_fid(*[str(tmp_path / a) if i < 2 else a for i, a in enumerate(args)])
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert "Traceback" not in done.stderr and fragment in lines[-1], (args, done.stderr)
+        assert lines[-1].startswith(("error: ", "ddpm fid: error: ")), done.stderr

@@ -9,7 +9,8 @@ import torch
 from ddpm import checkpoint
 from ddpm.config import DiffusionConfig, GenerateConfig, ModelConfig
 from ddpm.diffusion import make_schedule
-from ddpm.generate import denoiser, generate_samples, write_figures
+from ddpm.fastpath import denoiser
+from ddpm.generate import generate_samples, write_figures
 from ddpm.unet import UNet
 
 MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
@@ -83,3 +84,23 @@ def test_sample_command_writes_pngs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert "3 samples (ddim, 4 steps)" in done.stdout
+
+
+def test_small_images_are_shown_enlarged_pixel_for_pixel(tmp_path):
+    from PIL import Image
+
+    from ddpm.images import save_grid, save_strip
+
+    tiny = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+    save_grid(tiny, tmp_path / "grid.png")
+    save_strip([tiny[:2], tiny[2:]], tmp_path / "strip.png")
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 + 2 * 66, 2 + 2 * 66, 3)  # 2 x 2 tiles of 64 px, 2 px gutters
+    tile = grid[2:66, 2:66]
+    assert np.array_equal(tile[::2, ::2], tiny[0].permute(1, 2, 0).numpy())  # nearest
+    assert np.array_equal(tile[1::2, 1::2], tile[::2, ::2])
+    assert Image.open(tmp_path / "strip.png").size == (2 + 2 * 66, 2 + 2 * 66)
+    big = torch.zeros(1, 3, 80, 80, dtype=torch.uint8)
+    save_grid(big, tmp_path / "big.png")
+    assert Image.open(tmp_path / "big.png").size == (84, 84)  # not enlarged

@@ -14,16 +14,21 @@ TINY_SETS = ["preprocess.image_size=16", "model.channels=[32,64]", "model.attent
 
 def test_gpu_check_runs_its_parts_on_a_cpu(tmp_path):
     cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(tmp_path),
-           "--device", "cpu", "--only", "agree,variants"]
+           "--device", "cpu", "--only", "agree,variants,graph"]
     for item in TINY_SETS:
         cmd += ["--set", item]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {k: v["status"] for k, v in results["parts"].items()} == {"agree": "ok",
-                                                                     "variants": "ok"}
+                                                                     "variants": "ok",
+                                                                     "graph": "ok"}
     agree = results["agree"]
     assert agree["eager_tf32"] == 0  # no TF32 on a CPU: the reference itself
     assert 0 < agree["eager_bf16"] < 0.05 and 0 < agree["compiled_bf16"] < 0.05
     assert results["variants"]["train_batch_16"]["images_per_s"] > 0
+    graph = results["graph"]  # on a CPU nothing is captured: the same step twice
+    assert graph["captured"]["variant"] == graph["ordinary"]["variant"]
+    assert graph["captured vs ordinary"]["max_rel"] == 0
+    assert graph["resume_max_abs_diff"] == 0  # resuming mid-epoch is exact
     assert "summary: agree ok" in (tmp_path / "gpu_check.log").read_text()

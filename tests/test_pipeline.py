@@ -1,7 +1,6 @@
 """The real stages through `dvc repro` in a scratch git + DVC repository."""
 
 import json
-import os
 import time
 
 import numpy as np

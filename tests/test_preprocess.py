@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import run_stage, write_params
 from ddpm.config import PreprocessConfig
-from ddpm.preprocess import PreprocessError, expand_box, load_processed, preprocess
+from ddpm.preprocess import PreprocessError, expand_box, preprocess
+from ddpm.processed import load_processed
 
 
 def save(path, image, fmt="JPEG"):
@@ -121,3 +122,53 @@ def test_preprocess_stage_writes_manifest_that_matches(raw, tmp_path):
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["shape"] == [5, 3, 32, 32] and manifest["skipped_count"] == 0
     assert len(manifest["sha256"]) == 64
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height pixels, with a tiny compressed body."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [20000, 12000])  # Pillow raises beyond 2x its limit, warns below
+def test_a_decompression_bomb_is_skipped_and_listed(raw, tmp_path, side):
+    data = bomb_png(side, side)
+    assert len(data) < 200
+    (raw / "cars_train" / "cars_train" / "bomb.png").write_bytes(data)
+    manifest = preprocess(raw, tmp_path / "out", cfg(max_bad_fraction=0.5))
+    (skipped,) = manifest["skipped"]
+    assert skipped["file"].endswith("bomb.png")
+    assert skipped["reason"].startswith("too large") and "limit" in skipped["reason"]
+    assert f"{side * side}" in skipped["reason"].replace(",", "") or f"{side}x{side}" in skipped["reason"]
+    assert manifest["count"] == 5
+
+
+def test_the_stage_exits_0_past_a_bomb_in_a_kaggle_layout_zip(tmp_path):
+    """The whole path a user takes: data.source archive -> download -> preprocess."""
+    import zipfile
+
+    archive = tmp_path / "cars.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(120):
+            buf = io.BytesIO()
+            solid((i, 80, 160)).save(buf, format="JPEG")
+            zf.writestr(f"cars_train/cars_train/{i:05d}.jpg", buf.getvalue())
+        zf.writestr("cars_test/cars_test/00001.jpg", bomb_png(20000, 20000))
+    params = write_params(tmp_path / "params.yaml", {
+        "data": {"source": "archive", "archive": str(archive)},
+        "preprocess": {"image_size": 16}})
+    run_stage("download", "--params", str(params), "--out", str(tmp_path / "raw"), cwd=tmp_path)
+    done = run_stage("preprocess", "--params", str(params), "--raw", str(tmp_path / "raw"),
+                     "--out", str(tmp_path / "p"), cwd=tmp_path)
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["skipped"]] == ["cars_test/cars_test/00001.jpg"]
+    assert manifest["skipped"][0]["reason"].startswith("too large") and manifest["count"] == 120

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from conftest import REPO, TINY, run_stage, write_params, write_processed
 from ddpm import checkpoint
 from ddpm.callbacks import Checkpointer
 from ddpm.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm.training import NonFiniteLossError, dropout_seed, lr_at, run_config, train
+from ddpm.training import NonFiniteLossError, dropout_seed, lr_at, train
 
 MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
 DIFFUSION = DiffusionConfig(steps=40)
@@ -74,9 +73,9 @@ def test_same_seed_same_weights_different_seed_different():
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import ddpm.training as training
+    import ddpm.step as step
 
-    real = training.loss_per_image
+    real = step.loss_per_image
     calls = {"n": 0}
 
     def poisoned(pred, eps):
@@ -84,7 +83,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
         loss = real(pred, eps)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr(training, "loss_per_image", poisoned)
+    monkeypatch.setattr(step, "loss_per_image", poisoned)
     path = tmp_path / "last.pt"
     saver = Checkpointer(path, {"run": 1}, every=1, epochs=5)
     with pytest.raises(NonFiniteLossError, match="last checkpoint"):
@@ -254,10 +253,10 @@ def test_only_a_files_own_stale_temporaries_are_removed(tmp_path):
 
 
 def test_a_failing_close_does_not_hide_the_error_that_stopped_training(monkeypatch):
-    import ddpm.training as training
+    import ddpm.step as step
 
-    real = training.loss_per_image
-    monkeypatch.setattr(training, "loss_per_image", lambda pred, eps: real(pred, eps) * float("nan"))
+    real = step.loss_per_image
+    monkeypatch.setattr(step, "loss_per_image", lambda pred, eps: real(pred, eps) * float("nan"))
     closed = []
 
     class BrokenClose:
@@ -283,3 +282,85 @@ def test_a_failing_close_does_not_hide_the_error_that_stopped_training(monkeypat
         train(images(), DIFFUSION, MODEL, cfg(epochs=1), device=torch.device("cpu"),
               callbacks=callbacks)
     assert closed == list(callbacks)
+
+
+def test_written_files_and_folders_get_the_usual_mode(tmp_path):
+    from ddpm import atomic
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.txt", "x")
+        with atomic.atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+        checkpoint.save(tmp_path / "c.pt", {"a": 1})
+        os.umask(0o077)
+        atomic.write_text(tmp_path / "private.txt", "z")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.txt": 0o644, "d": 0o755, "c.pt": 0o644, "private.txt": 0o600}
+
+
+def reference_training(data, diffusion_cfg, model_cfg, c):
+    """The training step as it was written before `step.TrainStep` (2026-11-30): a Python
+    float LR, EMA lerp with a float weight, the batch sliced on the host. Kept here only
+    as the reference the capturable step is held to."""
+    from ddpm.diffusion import loss_per_image, make_schedule, q_sample
+    from ddpm.images import to_model
+    from ddpm.unet import UNet
+
+    torch.manual_seed(c.seed)
+    model = UNet(model_cfg)
+    ema = UNet(model_cfg)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+    order_gen = torch.Generator().manual_seed(c.seed)
+    noise_gen = torch.Generator().manual_seed(c.seed + 1)
+    schedule = make_schedule(diffusion_cfg)
+    n, batch = len(data), min(c.batch_size, len(data))
+    epoch_steps, step, updates, sums = n // batch, 0, 0, []
+    for epoch in range(c.epochs):
+        torch.manual_seed(dropout_seed(c.seed, 0, epoch))
+        order = torch.randperm(n, generator=order_gen)
+        epoch_sum = torch.zeros(())
+        for i in range(epoch_steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, epoch_steps, c)
+            flip = torch.rand(batch, generator=noise_gen) < 0.5
+            t = torch.randint(0, schedule.T, (batch,), generator=noise_gen)
+            eps = torch.randn((batch, *data.shape[1:]), generator=noise_gen)
+            x0 = to_model(data[order[i * batch:(i + 1) * batch]])
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+            loss = loss_per_image(model(q_sample(schedule, x0, t, eps), t), eps).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            opt.step()
+            decay = min(c.ema_decay, (1 + updates) / (10 + updates))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+            updates += 1
+            step += 1
+            epoch_sum += loss.detach()
+        sums.append(float(epoch_sum / epoch_steps))
+    return model, ema, sums
+
+
+def test_the_capturable_step_computes_the_previous_step_bit_for_bit():
+    """On a CPU the step, with its device buffers (data order, cursor, LR and EMA weight
+    as 0-d tensors, loss sums), gives the old step's weights, EMA and epoch losses exactly:
+    the CPU's float64 LR tensor reaches Adam as the same number (CPU Adam reads it with
+    .item(); a float32 one moved weights by up to 3e-4 in 4 steps, Adam amplifying the
+    rounding), and the List overload of foreach lerp rounds as the float-weight one does.
+    On CUDA (fused, capturable Adam, float32 LR) the rounding may differ: that is for a
+    GPU run to bound (scripts/gpu_check.py, part graph)."""
+    model_cfg = dataclasses.replace(MODEL, dropout=0.2)
+    c = cfg(epochs=2, batch_size=4, warmup_epochs=1, grad_clip=1.0, ema_decay=0.99)
+    data = images(n=10)  # 2 full batches per epoch, the last 2 images dropped
+    model, ema, sums = reference_training(data, DIFFUSION, model_cfg, c)
+    state = train(data, DIFFUSION, model_cfg, c, device=torch.device("cpu"))
+    assert state.step == 4 and state.ema.updates == 4
+    for ours, theirs in ((state.model, model), (state.ema.model, ema)):
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert [e["loss"] for e in state.epochs_done] == sums

@@ -2,6 +2,8 @@
 
 Everything is first written beside its destination under a temporary name,
 then moved into place with `os.replace`, which is atomic on one filesystem.
+The result gets the mode `open()` would have given it (0644 files and 0755
+folders under a 022 umask), not mkstemp's private 0600.
 """
 
 from __future__ import annotations
@@ -15,6 +17,24 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask sets
+    it while reading, which another thread's file creation could catch)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, directory: bool = False) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside `dest`; on success it replaces `dest`."""
@@ -25,6 +45,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _usual_mode(tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -73,6 +94,7 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        _usual_mode(tmp, directory=True)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

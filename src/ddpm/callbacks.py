@@ -13,11 +13,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import atomic, checkpoint
-from .config import TrainConfig
 from .diffusion import Schedule
 from .images import save_strip, to_uint8
 from .samplers import Denoiser, ImageNoise, sample_with_frames
-from .training import EpochSummary, TrainState
+from .step import TrainState
+from .training import EpochSummary
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
 
@@ -41,7 +41,7 @@ def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
 def reverse_strip(denoise: Denoiser, schedule: Schedule, image_size: int, seed: int,
                   device: torch.device, rows: int = 1, frames: int = 9) -> list[torch.Tensor]:
     """The seed's reverse strip: x_T and every T/8-th step, from fixed noise maps.
-    `denoise` is the model itself or `generate.denoiser` of it (the fast path)."""
+    `denoise` is the model itself or `fastpath.denoiser` of it."""
     noise = ImageNoise(seed, range(rows), device)
     x_T = noise.randn((3, image_size, image_size))
     kept = sample_with_frames("ddpm", denoise, schedule, x_T, noise, frames=frames)
@@ -69,9 +69,14 @@ class Progress:
         self.last_step = int(row["step"])
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        self.close()
+        self.bar = self._open(summary.epoch + 1)
+
+    def close(self) -> None:
+        """Before an error is printed, so the bar's last redraw does not follow it."""
         if self.bar is not None:
             self.bar.close()
-        self.bar = self._open(summary.epoch + 1)
+            self.bar = None
 
 
 class LossCsv:
@@ -83,18 +88,6 @@ class LossCsv:
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         write_loss_csv(self.path, state.history)
-
-
-def strip_denoiser(model: torch.nn.Module, device: torch.device,
-                   cfg: TrainConfig) -> Denoiser:
-    """The EMA model as the strips call it: training's precision, compile and layout rules
-    (`generate.denoiser`). A strip is T batch-1 calls, each a few hundred small kernels
-    that the host launches one by one, so on CUDA a compiled strip replays CUDA graphs
-    (torch.compile's reduce-overhead mode) whatever train.compile_mode says."""
-    from .generate import denoiser
-
-    mode = "reduce-overhead" if device.type == "cuda" else cfg.compile_mode
-    return denoiser(model, device, cfg.precision, cfg.compile, mode, cfg.channels_last)
 
 
 class Strips:

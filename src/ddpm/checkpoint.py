@@ -14,10 +14,17 @@ from typing import Any, Optional
 import torch
 
 from . import atomic
+from .config import DiffusionConfig, ModelConfig
+from .unet import UNet
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file exists but cannot be read."""
+    """A checkpoint file exists but cannot be read. `reason` names the file and what is
+    wrong; the message adds what to do."""
+
+    def __init__(self, reason: str, hint: str):
+        super().__init__(f"{reason}; {hint}")
+        self.reason = reason
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
@@ -91,14 +98,18 @@ class BackgroundSaver:
         return obj  # numbers, strings, None: immutable
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu",
+         hint: str = "delete or move it, then rerun") -> dict[str, Any]:
+    """A checkpoint's payload; CheckpointError (naming the file, with `hint`) if the file is
+    truncated, not a checkpoint, or holds pickled objects that weights_only refuses."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as err:  # truncated, not a checkpoint, or made by pickling code
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); "
-                         f"delete it to start over") from None
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
+                              f"{detail})", hint) from None
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -112,3 +123,26 @@ def differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
         elif a != b:
             out.append(f"{name}: checkpoint has {a!r}, params say {b!r}")
     return out
+
+
+def model_config(saved: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a payload's `config["model"]` (or `run["model"]`) describes.
+
+    Models saved before `model.attention_norm` existed all normalised their
+    attention input: without the key, that is what is rebuilt, never the new default.
+    """
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    values.setdefault("attention_norm", True)
+    return ModelConfig(**values)
+
+
+def load_model(payload: dict[str, Any], weights: str = "ema",
+               device: torch.device | str = "cpu") -> tuple[UNet, DiffusionConfig, int]:
+    """Rebuild the U-Net from a models/model.pt payload: (model, diffusion config, image size)."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    cfg = payload["config"]
+    model = UNet(model_config(cfg["model"]))
+    model.load_state_dict(payload["ema" if weights == "ema" else "model"])
+    model.to(device).eval().requires_grad_(False)
+    return model, DiffusionConfig(**cfg["diffusion"]), int(cfg["image_size"])

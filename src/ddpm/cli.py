@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -32,20 +33,17 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import dataclasses
     import time
 
-    import numpy as np
-    import torch
     from tqdm import tqdm
 
-    from .checkpoint import load
+    from .checkpoint import load, load_model
     from .config import GenerateConfig
     from .diffusion import make_schedule
-    from .generate import denoiser, generate_samples
+    from .fastpath import denoiser
+    from .generate import generate_samples
     from .images import save_png
     from .device import resolve_device
-    from .training import load_model
 
     device = resolve_device(args.device)
     model, diffusion_cfg, size = load_model(load(args.model), args.weights, device)
@@ -69,17 +67,33 @@ def cmd_fid(args: argparse.Namespace) -> None:
     from . import fid
 
     result = fid.compare(args.a, args.b, device=args.device, kid=not args.no_kid,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, kid_subsets=args.kid_subsets,
+                         kid_subset_size=args.kid_subset_size)
+    if args.json:
+        print(json.dumps(result))
+        return
     line = f"FID {result['fid']:.6g} ({result['count_a']} vs {result['count_b']} images)"
     if result["kid"] is not None:
         line += f", KID {result['kid']:.6g} ± {result['kid_std']:.3g}"
     print(line)
 
 
-def cmd_tracking(args: argparse.Namespace) -> None:
+def cmd_replay(args: argparse.Namespace) -> None:
+    """Send spool files (default: all under <repo root>/.mlflow-spool/) to the store."""
     from . import tracking
 
-    sys.exit(tracking.main(args.rest))
+    files = [Path(f) for f in args.files] or tracking.spool_files()
+    if not files:
+        print("nothing to replay")
+    failed = 0
+    for file in files:
+        try:
+            print(f"{file}: replayed into run {tracking.replay_spool(file, args.tracking_uri)}")
+        except Exception as err:  # noqa: BLE001 - report each file, go on with the next
+            print(f"error: {file}: {type(err).__name__}: {err}", file=sys.stderr)
+            failed += 1
+    if failed:
+        sys.exit(1)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -128,16 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("fid", help="FID and KID between two image sets")
-    p.add_argument("a", help="folder of PNG/JPEG, .npy/.npz/.pt file, or a stats .npz")
+    p.add_argument("a", help="a folder of images (any size or mode, searched recursively), a "
+                             ".npy/.npz/.pt file of uint8 images, or a statistics .npz")
     p.add_argument("b")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--no-kid", action="store_true")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("tracking", help="MLflow helpers: `ddpm tracking replay [FILE ...]`")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_tracking)
+    tracking = p.add_subparsers(dest="tracking_command", required=True)
+    p = tracking.add_parser("replay", help="send calls spooled while the tracking server was "
+                                           "down to the store")
+    p.add_argument("files", nargs="*", help="spool files (default: all in "
+                                            "<repo root>/.mlflow-spool/)")
+    p.add_argument("--tracking-uri", help="store to send them to (default: the spooled one)")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("bench", help="training, sampling and FID throughput on this machine")
     p.add_argument("--params", default="params.yaml")
@@ -160,13 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors whose message says what is wrong and how to fix it: shown as one line, no
+# traceback. Named, not imported, so that `ddpm --help` loads neither torch nor mlflow.
+USER_ERRORS = ("ddpm.config.ConfigError", "ddpm.fid.FidInputError", "ddpm.fid.FidWeightsError",
+               "ddpm.checkpoint.CheckpointError", "ddpm.tracking.TrackingError")
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, PermissionError)):
+        return True
+    for name in USER_ERRORS:
+        module, _, cls = name.rpartition(".")
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(err, getattr(loaded, cls)):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except Exception as err:  # noqa: BLE001 - a user's mistake is one line; a bug a traceback
+        if not _is_user_error(err):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ class ModelConfig:
     blocks_per_level: int = 2
     dropout: float = 0.1
     groups: int = 32  # GroupNorm groups; every width must be divisible by it
+    # Attention on GroupNorm(x) (true) or on x itself (false: the seed module's function,
+    # whose norm is created but never applied); see unet.AttentionBlock.
+    attention_norm: bool = False
 
     def check(self, key: str) -> None:
         if not self.channels:
@@ -140,7 +143,16 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto = channels-last on CUDA only
-    nproc: int = 1  # processes for torchrun (one per GPU)
+    # Capture the whole training step in one CUDA graph. auto = off until a GPU run has
+    # shown it equal to the uncaptured step, and faster (README, "Speed").
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
+    nproc: int = 1  # training processes (one per GPU)
+    # In-training FID of the EMA model: every fid_every epochs and the last (0 = never),
+    # on fid_samples DDIM samples of fid_steps steps (eta 0; at most diffusion.steps),
+    # against the reference stats.
+    fid_every: int = 10
+    fid_samples: int = 1000
+    fid_steps: int = 50
 
     def check(self, key: str) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "nproc"):
@@ -156,8 +168,19 @@ class TrainConfig:
             _fail(f"{key}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.strip_every < 0:
             _fail(f"{key}.strip_every", f"must be >= 0 (0 = never), got {self.strip_every}")
+        if self.fid_every < 0:
+            _fail(f"{key}.fid_every", f"must be >= 0 (0 = never), got {self.fid_every}")
+        if self.fid_samples < 2:
+            _fail(f"{key}.fid_samples", f"must be >= 2 (FID needs a covariance), "
+                  f"got {self.fid_samples}")
+        if self.fid_steps < 1:
+            _fail(f"{key}.fid_steps", f"must be >= 1, got {self.fid_steps}")
         if self.grad_clip < 0:
             _fail(f"{key}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.cuda_graph == "on" and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            _fail(f"{key}.cuda_graph", f"'on' captures the whole step in one CUDA graph, so "
+                  f"torch.compile must not make graphs of its own: set train.compile_mode to "
+                  f"default or max-autotune-no-cudagraphs (it is {self.compile_mode!r})")
         _check_device(f"{key}.device", self.device)
 
 
@@ -170,6 +193,13 @@ class GenerateConfig:
     batch_size: int = 500
     seed: int = 1234
     weights: Literal["ema", "raw"] = "ema"
+    # Which trained weights: models/model.pt (the last epoch's) or models/best.pt (the
+    # best in-training FID's).
+    checkpoint: Literal["final", "best"] = "final"
+    # DDPM's sigma_t^2: the posterior's beta_tilde_t, or beta_t (the seed module's); Ho et
+    # al. found both equally good. DDIM takes its noise from eta instead.
+    variance: Literal["posterior", "beta"] = "posterior"
+    clip: bool = True  # clamp the predicted x0 to [-1, 1] (the seed module does not)
     grid_size: int = 64  # images in the sample grid
     device: str = "auto"
 
@@ -179,6 +209,10 @@ class GenerateConfig:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.eta < 0:
             _fail(f"{key}.eta", f"must be >= 0, got {self.eta}")
+        if self.variance != "posterior" and self.sampler != "ddpm":
+            _fail(f"{key}.variance", f"{self.variance!r} is for sampler 'ddpm'; the "
+                  f"{self.sampler} sampler's noise is set by generate.eta. Set "
+                  f"generate.variance: posterior, or generate.sampler: ddpm")
         _check_device(f"{key}.device", self.device)
 
 

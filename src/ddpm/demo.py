@@ -104,12 +104,34 @@ def run_demo(out: str | Path = "demo-run", params_path: str | Path = "params.yam
 
 
 def summarize(out: Path) -> None:
+    import json
+
     lines = ["", "demo finished. Results:"]
     for label, rel in [("training strips", "reports/strips"), ("figures", "reports/figures"),
-                       ("training metrics", "reports/train.json"), ("FID / KID", "reports/eval.json"),
-                       ("model", "models/model.pt")]:
+                       ("training metrics", "reports/train.json"),
+                       ("FID during training", "reports/train_fid.csv"),
+                       ("FID / KID", "reports/eval.json"), ("model", "models/model.pt"),
+                       ("best weights", "models/best.pt")]:
         if (out / rel).exists():
-            lines.append(f"  {label:17s} {out / rel}")
+            lines.append(f"  {label:19s} {out / rel}")
+    if (out / "reports" / "eval.json").exists():
+        result = json.loads((out / "reports" / "eval.json").read_text())
+        lines.append(f"  final FID {result['fid']:.1f}, KID {result.get('kid', float('nan')):.4f} "
+                     f"on {result['num_samples']} samples against {result['num_reference']} "
+                     f"real images")
+    if (out / "reports" / "train.json").exists():
+        report = json.loads((out / "reports" / "train.json").read_text())
+        if report.get("best_fid") is not None:
+            lines.append(f"  in-training FID: best {report['best_fid']:.1f} at epoch "
+                         f"{report['best_epoch']} of {report['epochs']} "
+                         f"({report['fid_samples']} samples each; the curve: "
+                         f"reports/train_fid.csv, `dvc plots show`, or train/fid in MLflow)")
     if (out / "mlflow.db").exists():
-        lines.append(f"  {'tracking (MLflow)':17s} mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}")
+        run = json.loads((out / "reports" / "mlflow_run.json").read_text())
+        lines.append(f"  {'tracking (MLflow)':19s} mlflow ui --backend-store-uri "
+                     f"sqlite:///{out / 'mlflow.db'}")
+        if run.get("experiment_id"):
+            from .tracking import ui_link
+
+            lines.append(f"  {'':19s} then open {ui_link(run['experiment_id'])}")
     print("\n".join(lines))

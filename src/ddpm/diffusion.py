@@ -120,19 +120,30 @@ def loss_per_image(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(1)
 
 
-def ddpm_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps_pred: torch.Tensor,
-              noise: torch.Tensor, clip: bool = True) -> torch.Tensor:
-    """One ancestral step x_t -> x_{t-1} (Algorithm 2) with sigma_t^2 = beta_tilde_t.
+VARIANCES = ("posterior", "beta")
 
-    The mean is written through the predicted x0, which equals Algorithm 2's
+
+def ddpm_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps_pred: torch.Tensor,
+              noise: torch.Tensor, clip: bool = True, variance: str = "posterior") -> torch.Tensor:
+    """One ancestral step x_t -> x_{t-1} (Algorithm 2).
+
+    sigma_t^2 is beta_tilde_t (`variance="posterior"`) or beta_t (`"beta"`, the
+    seed module's); Ho et al. report both equally good (section 3.2). The mean is
+    written through the predicted x0, which equals Algorithm 2's
     (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) when x0 is not
-    clipped; clipping x0 to [-1, 1] keeps samples in the data range. No noise
-    is added at the last step (t = 0).
+    clipped (the seed module's way); clipping x0 to [-1, 1] (the paper's official
+    code) keeps samples in the data range. As in Algorithm 2, no noise is added at
+    the last step (t = 0); the seed module adds sigma_0 z there too, at most 0.01,
+    about one grey level.
     """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
     x0 = predict_x0(s, x_t, t, eps_pred)
     if clip:
         x0 = x0.clamp(-1, 1)
     mean, var = q_posterior(s, x0, x_t, t)
+    if variance == "beta":
+        var = _at(s.betas, t)
     nonzero = (t > 0).view(-1, 1, 1, 1).to(x_t.dtype)
     return mean + nonzero * var.sqrt() * noise
 

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
 from ddpm.atomic import atomic_directory
+from ddpm.formats import is_image_name
 
 Log = Optional[Callable[[str], None]]
 
 KAGGLE_PAGE = "https://www.kaggle.com/datasets/{dataset}"
-IMAGE_SUFFIXES = (".jpg", ".jpeg")
 
 
 class DownloadError(Exception):
@@ -155,10 +155,10 @@ def _extract_nested(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> i
 
 
 def _require_images(root: Path, origin: str) -> int:
-    count = sum(1 for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    count = sum(1 for p in root.rglob("*") if is_image_name(p.name) and p.is_file())
     if count == 0:
         raise DownloadError(
-            f"{origin} holds no JPEG images; expected the Stanford Cars layout "
+            f"{origin} holds no images; expected the Stanford Cars layout "
             "(car_devkit/devkit/*.mat, cars_train/cars_train/*.jpg, cars_test/cars_test/*.jpg)"
         )
     return count

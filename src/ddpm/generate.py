@@ -16,36 +16,6 @@ from .config import GenerateConfig
 from .diffusion import Schedule
 from .images import save_gif, save_grid, save_strip, to_model, to_uint8
 from .samplers import ImageNoise, forward_frames, get_sampler, sample_with_frames, sampler_steps
-from .training import autocast_for, maybe_compile, use_channels_last
-
-
-def denoiser(model: torch.nn.Module, device: torch.device, precision: str = "auto",
-             compile: str = "auto", compile_mode: str = "default",
-             channels_last: str = "auto") -> Callable:
-    """model(x_t, t) with training's fast-path rules (auto: bf16, channels-last and
-    torch.compile on CUDA; plain fp32 on a CPU); float32 out.
-
-    Only the first batch size seen runs compiled: the figures' few images and a
-    last partial batch run eager instead of paying a recompile (tens of seconds).
-    """
-    autocast = autocast_for(device, precision)
-    to_channels_last = use_channels_last(device, channels_last)
-    if to_channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    compiled = maybe_compile(model, compile, device, compile_mode)
-    compiled_batch: Optional[int] = None  # the batch size the compiled model serves
-
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        nonlocal compiled_batch
-        if to_channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if compiled_batch is None:
-            compiled_batch = x.shape[0]
-        forward = compiled if x.shape[0] == compiled_batch else model
-        with autocast:
-            return forward(x, t).float()
-
-    return denoise
 
 
 def generate_samples(denoise: Callable, schedule: Schedule, cfg: GenerateConfig, image_size: int,
@@ -61,7 +31,8 @@ def generate_samples(denoise: Callable, schedule: Schedule, cfg: GenerateConfig,
         noise = ImageNoise(cfg.seed, indices, device)
         x_T = noise.randn((3, image_size, image_size))
         x0 = sampler(denoise, schedule, x_T, noise,
-                     steps=steps if cfg.sampler == "ddim" else None, eta=cfg.eta)
+                     steps=steps if cfg.sampler == "ddim" else None, eta=cfg.eta,
+                     clip=cfg.clip, variance=cfg.variance)
         out[first:first + len(indices)] = to_uint8(x0).cpu().numpy()
         if progress is not None:
             progress(len(indices))
@@ -90,7 +61,8 @@ def write_figures(denoise: Callable, schedule: Schedule, cfg: GenerateConfig, sa
     size = samples.shape[-1]
     noise = ImageNoise(cfg.seed, range(rows), device)
     states = sample_with_frames(cfg.sampler, denoise, schedule, noise.randn((3, size, size)), noise,
-                                steps=cfg.steps, eta=cfg.eta, every_step=True)
+                                steps=cfg.steps, eta=cfg.eta, every_step=True, clip=cfg.clip,
+                                variance=cfg.variance)
     n = len(states) - 1
     keep = [0] + [int(round((k + 1) * n / 8)) for k in range(8)]
     save_strip([to_uint8(states[i]) for i in keep], out_dir / "reverse.png")

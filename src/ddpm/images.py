@@ -23,10 +23,19 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def grid(images: torch.Tensor, ncol: int, pad: int = 2) -> np.ndarray:
-    """uint8 N x 3 x H x W -> one H' x W' x 3 array, row-major, white gutters."""
+MIN_TILE = 64  # pixels: smaller images are shown enlarged, nearest neighbour, in figures
+
+
+def grid(images: torch.Tensor, ncol: int, pad: int = 2, min_tile: int = MIN_TILE) -> np.ndarray:
+    """uint8 N x 3 x H x W -> one H' x W' x 3 array, row-major, white gutters. Images smaller
+    than `min_tile` are enlarged by a whole factor (nearest neighbour: every pixel a block),
+    so a 32 x 32 sample is 64 px on screen."""
     images = images.detach().cpu()
     n, c, h, w = images.shape
+    scale = max(1, -(-min_tile // min(h, w)))
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
     nrow = -(-n // ncol)
     canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
@@ -52,15 +61,11 @@ def save_strip(frames: Sequence[torch.Tensor], path: str | Path) -> None:
     save_grid(stacked.flatten(0, 1), path, ncol=len(frames))
 
 
-def save_gif(frames: Sequence[torch.Tensor], path: str | Path, scale: int = 2,
+def save_gif(frames: Sequence[torch.Tensor], path: str | Path,
              duration_ms: int = 60, hold_last_ms: int = 1500) -> None:
     """An animation of uint8 B x 3 x H x W frames, each frame a grid of the B images."""
-    pictures = []
-    for frame in frames:
-        array = grid(frame, ncol=max(1, int(np.ceil(np.sqrt(len(frame))))))
-        picture = Image.fromarray(array)
-        pictures.append(picture.resize((picture.width * scale, picture.height * scale),
-                                       Image.NEAREST))
+    pictures = [Image.fromarray(grid(frame, ncol=max(1, int(np.ceil(np.sqrt(len(frame)))))))
+                for frame in frames]
     durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
     atomic.write_with(path, lambda tmp: pictures[0].save(
         tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0))

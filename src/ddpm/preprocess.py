@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import atomic
+from .annotations import Box
 from .config import PreprocessConfig
+from .processed import IMAGES_FILE, MANIFEST_FILE
+from .formats import is_image_name
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SPLITS = {"cars_train": "train", "cars_test": "test"}
-
-Box = tuple[int, int, int, int]
 
 
 class PreprocessError(RuntimeError):
@@ -48,7 +49,7 @@ def find_images(raw_dir: Path) -> list[tuple[str, Path]]:
     """
     found = []
     for path in sorted(raw_dir.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        if is_image_name(path.name) and path.is_file():
             split = next((SPLITS[p] for p in reversed(path.relative_to(raw_dir).parts)
                           if p in SPLITS), "other")
             found.append((split, path))
@@ -76,10 +77,21 @@ def crop_region(job: Job, width: int, height: int) -> Box:
     return (0, 0, width, height)  # squash, or a box-less image under bbox_crop
 
 
+class TooManyPixels(ValueError):
+    """An image declares more pixels than Pillow's limit (a decompression bomb)."""
+
+
 def load_image(job: Job) -> np.ndarray:
     """Decode, convert to RGB, crop and resize one file: 3 x S x S uint8."""
-    with Image.open(job.path) as image:
+    with warnings.catch_warnings():  # Pillow warns between 1x and 2x its limit: refused below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(job.path)  # reads the header only
+    with image:
         full_w, full_h = image.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and full_w * full_h > limit:  # Pillow itself only warns up to twice this
+            raise TooManyPixels(f"declares {full_w}x{full_h} pixels, over Pillow's limit of "
+                                f"{limit:,} (Image.MAX_IMAGE_PIXELS): not decoded")
         region = crop_region(job, full_w, full_h)
         # Let the JPEG decoder downscale while the crop stays >= the target size.
         crop_w, crop_h = region[2] - region[0], region[3] - region[1]
@@ -92,14 +104,17 @@ def load_image(job: Job) -> np.ndarray:
 
 
 def _load_or_reason(job: Job) -> tuple[Optional[np.ndarray], str]:
+    """The image, or None and why not: no single bad file stops the stage."""
     try:
         if job.path.stat().st_size == 0:
             return None, "empty file"
         return load_image(job), ""
     except UnidentifiedImageError:
         return None, "not an image Pillow can identify"
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-        return None, f"unreadable: {err}"
+    except (TooManyPixels, Image.DecompressionBombError) as err:
+        return None, f"too large: {err}"
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt or odd data of any kind
+        return None, f"unreadable: {type(err).__name__}: {err}"
 
 
 def preprocess(raw_dir: Path, out_dir: Path, cfg: PreprocessConfig,
@@ -155,8 +170,8 @@ def preprocess(raw_dir: Path, out_dir: Path, cfg: PreprocessConfig,
         "sha256": digest,
     }
     with atomic.atomic_directory(out_dir) as tmp:
-        np.save(tmp / "images.npy", array)
-        atomic.write_json(tmp / "manifest.json", manifest)
+        np.save(tmp / IMAGES_FILE, array)
+        atomic.write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -171,20 +186,3 @@ class _Inline:
 
     def imap(self, fn, items, chunksize=1):
         return map(fn, items)
-
-
-def load_processed(processed_dir: Path) -> tuple[np.ndarray, dict]:
-    """images.npy and its manifest, checked against each other."""
-    import json
-
-    processed_dir = Path(processed_dir)
-    images_path, manifest_path = processed_dir / "images.npy", processed_dir / "manifest.json"
-    if not images_path.exists() or not manifest_path.exists():
-        raise FileNotFoundError(f"{processed_dir} has no images.npy/manifest.json; "
-                                f"run the preprocess stage first (dvc repro preprocess)")
-    manifest = json.loads(manifest_path.read_text())
-    images = np.load(images_path)
-    if list(images.shape) != manifest["shape"] or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: shape {images.shape} / {images.dtype} does not match "
-                         f"its manifest {manifest['shape']}; rerun preprocess")
-    return images, manifest

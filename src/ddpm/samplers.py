@@ -1,6 +1,7 @@
 """Reverse-diffusion samplers: free functions with one signature.
 
-    sampler(denoise, schedule, x_T, noise, steps=..., eta=..., callback=None) -> x0
+    sampler(denoise, schedule, x_T, noise, steps=..., eta=..., clip=True,
+            variance="posterior", callback=None) -> x0
 
 `denoise(x_t, t) -> eps` is the model (EMA weights, autocast, compiled: the
 caller decides). `noise` gives each image its own random stream, so an image
@@ -48,9 +49,11 @@ def ddim_timesteps(T: int, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_ddpm(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: ImageNoise,
-                steps: Optional[int] = None, eta: float = 1.0,
+                steps: Optional[int] = None, eta: float = 1.0, clip: bool = True,
+                variance: str = "posterior",
                 callback: Optional[StepCallback] = None) -> torch.Tensor:
-    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2)."""
+    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2); `clip` and
+    `variance` as `diffusion.ddpm_step` takes them."""
     if steps not in (None, schedule.T):
         raise ValueError(f"the ddpm sampler takes all {schedule.T} steps, got steps={steps}; "
                          f"use sampler 'ddim' for fewer")
@@ -59,7 +62,8 @@ def sample_ddpm(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise:
     for i, t in enumerate(range(schedule.T - 1, -1, -1)):
         t_batch = torch.full((batch,), t, device=x.device, dtype=torch.long)
         eps = denoise(x, t_batch).float()
-        x = ddpm_step(schedule, x, t_batch, eps, noise.randn(x.shape[1:]))
+        x = ddpm_step(schedule, x, t_batch, eps, noise.randn(x.shape[1:]), clip=clip,
+                      variance=variance)
         if callback is not None:
             callback(i, t, x)
     return x
@@ -67,9 +71,13 @@ def sample_ddpm(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise:
 
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: ImageNoise,
-                steps: Optional[int] = None, eta: float = 0.0,
+                steps: Optional[int] = None, eta: float = 0.0, clip: bool = True,
+                variance: str = "posterior",
                 callback: Optional[StepCallback] = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021) over `steps` evenly spaced steps; eta = 0 is deterministic."""
+    """DDIM (Song et al. 2021) over `steps` evenly spaced steps; eta = 0 is deterministic.
+    Its noise scale is eta's: `variance` other than the default is refused."""
+    if variance != "posterior":
+        raise ValueError(f"the ddim sampler takes its noise from eta, not variance={variance!r}")
     timesteps = ddim_timesteps(schedule.T, steps or schedule.T).tolist()
     x = x_T
     batch = x.shape[0]
@@ -81,7 +89,7 @@ def sample_ddim(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise:
         # eta = 0 adds no noise, so none is drawn: on a GPU each draw is one small
         # kernel per image (500 per step at generate.batch_size 500).
         z = noise.randn(x.shape[1:]) if eta else None
-        x = ddim_step(schedule, x, t_batch, t_prev_batch, eps, z, eta=eta)
+        x = ddim_step(schedule, x, t_batch, t_prev_batch, eps, z, eta=eta, clip=clip)
         if callback is not None:
             callback(i, t, x)
     return x
@@ -103,7 +111,8 @@ def sampler_steps(name: str, schedule: Schedule, steps: Optional[int]) -> int:
 
 def sample_with_frames(sampler_name: str, denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor,
                        noise: ImageNoise, steps: Optional[int] = None, eta: float = 0.0,
-                       frames: int = 9, every_step: bool = False) -> list[torch.Tensor]:
+                       frames: int = 9, every_step: bool = False, clip: bool = True,
+                       variance: str = "posterior") -> list[torch.Tensor]:
     """Run a sampler and keep x_T plus `frames - 1` evenly spaced states ending at x0.
 
     With T = 512 and 9 frames these are the seed's: the noise, then every T/8-th
@@ -120,7 +129,7 @@ def sample_with_frames(sampler_name: str, denoise: Denoiser, schedule: Schedule,
             kept.append(x.detach().clone())
 
     sampler(denoise, schedule, x_T, noise, steps=n if sampler_name == "ddim" else None,
-            eta=eta, callback=record)
+            eta=eta, clip=clip, variance=variance, callback=record)
     return kept
 
 

@@ -54,11 +54,31 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundErr
 
 
 def run(main: Callable[[], None], expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a stage's main(); an expected error becomes one line on stderr and exit 2.
+
+    A worker of the train stage's own launcher hands its line to the launcher
+    instead (torch's per-worker error file), which prints the first failure once.
+    """
     try:
         main()
     except EXPECTED_ERRORS + expected as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        report_error(f"error: {err}")
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+LAUNCHED_ENV = "DDPM_LAUNCHED"  # set by train_stage.launch for its workers
+
+
+def report_error(line: str) -> None:
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if os.environ.get(LAUNCHED_ENV) and error_file:
+        import json
+        import time
+
+        Path(error_file).write_text(json.dumps(
+            {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}))
+    else:
+        print(line, file=sys.stderr, flush=True)

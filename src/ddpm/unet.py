@@ -44,15 +44,17 @@ class TimeEmbedding(nn.Module):
 
 
 class ResidualBlock(nn.Module):
+    # Submodules are registered in the seed module's order (norm1, conv1, norm2, conv2,
+    # skip, time), so the two state dicts list the same tensors in the same order.
     def __init__(self, c_in: int, c_out: int, time_width: int, groups: int, dropout: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.time = nn.Linear(time_width, c_out)
         self.norm2 = nn.GroupNorm(groups, c_out)
-        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.time = nn.Linear(time_width, c_out)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -62,17 +64,28 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, with a residual."""
+    """Single-head self-attention over all H*W positions, with a residual.
 
-    def __init__(self, channels: int, groups: int):
+    `normalize` (model.attention_norm) decides whether q, k and v are projected
+    from GroupNorm(x) or from x itself. The seed's module (labml's `unet.py`)
+    creates the GroupNorm and never applies it, so with `normalize=False` this
+    computes the seed's function; most later U-Nets (Ho et al.'s, ADM) apply it.
+    The norm's parameters exist either way, as in the seed's module, so the
+    parameter count (54,563,779 for the seed) does not tell the two apart.
+    """
+
+    def __init__(self, channels: int, groups: int, normalize: bool):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out = nn.Linear(channels, channels)
+        self.normalize = normalize
+        if not normalize:  # held, never used: no gradient (DDP would wait for one)
+            self.norm.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = (self.norm(x) if self.normalize else x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, HW, C)
         attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         return x + self.out(attended).transpose(1, 2).reshape(b, c, h, w)
@@ -82,10 +95,10 @@ class Level(nn.Module):
     """A residual block, optionally followed by attention."""
 
     def __init__(self, c_in: int, c_out: int, time_width: int, attention: bool,
-                 groups: int, dropout: float):
+                 groups: int, dropout: float, attention_norm: bool):
         super().__init__()
         self.res = ResidualBlock(c_in, c_out, time_width, groups, dropout)
-        self.attn = AttentionBlock(c_out, groups) if attention else nn.Identity()
+        self.attn = AttentionBlock(c_out, groups, attention_norm) if attention else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         return self.attn(self.res(x, temb))
@@ -99,15 +112,20 @@ class UNet(nn.Module):
         groups, dropout, blocks = config.groups, config.dropout, config.blocks_per_level
         time_width = 4 * widths[0]
 
-        self.time_embed = TimeEmbedding(widths[0], time_width)
+        def level(c_in: int, c_out: int, attention: bool) -> Level:
+            return Level(c_in, c_out, time_width, attention, groups, dropout,
+                         config.attention_norm)
+
+        # The stem before the time embedding: the seed module's order (see ResidualBlock).
         self.stem = nn.Conv2d(image_channels, widths[0], 3, padding=1)
+        self.time_embed = TimeEmbedding(widths[0], time_width)
 
         # Down path; `skips` records the width of every activation kept for the up path.
         self.down = nn.ModuleList()
         skips, width = [widths[0]], widths[0]
         for i, w in enumerate(widths):
             for _ in range(blocks):
-                self.down.append(Level(width, w, time_width, attn[i], groups, dropout))
+                self.down.append(level(width, w, attn[i]))
                 width = w
                 skips.append(width)
             if i < len(widths) - 1:
@@ -115,8 +133,8 @@ class UNet(nn.Module):
                 skips.append(width)
 
         self.mid = nn.ModuleList([
-            Level(width, width, time_width, True, groups, dropout),
-            Level(width, width, time_width, False, groups, dropout),
+            level(width, width, True),
+            level(width, width, False),
         ])
 
         # Up path: blocks_per_level blocks at the level's width, then one that
@@ -125,8 +143,7 @@ class UNet(nn.Module):
         for i in reversed(range(len(widths))):
             below = widths[i - 1] if i > 0 else widths[0]
             for c_out in [widths[i]] * blocks + [below]:
-                self.up.append(Level(width + skips.pop(), c_out, time_width, attn[i],
-                                     groups, dropout))
+                self.up.append(level(width + skips.pop(), c_out, attn[i]))
                 width = c_out
             if i > 0:
                 self.up.append(nn.ConvTranspose2d(width, width, 4, stride=2, padding=1))

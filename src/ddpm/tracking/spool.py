@@ -1,0 +1,211 @@
+"""Tracking that never takes training down: the background sender, the offline spool, replay.
+
+Log calls only put a record on a queue; one background thread sends them
+(`_Sender`). When a call fails, the tracker warns once on stderr, appends the
+call to `<repo root>/.mlflow-spool/<run id>.jsonl`, and spools everything for
+the next RETRY_AFTER_S seconds before trying the server again. `ddpm tracking
+replay` sends spool files later (`replay_spool`).
+
+Why not MLflow's own async logging (`log_batch(synchronous=False)`): it sends
+in the background too, but a failed batch only reaches its RunOperations
+future and MLflow's error log, so spooling it would still need this thread's
+bookkeeping, and a dead server would stall its flush for every queued batch
+in turn (retries x timeout each) where this thread stops trying for a minute.
+Images and artifacts have no async path there at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ..atomic import write_text
+from ..stageutil import repo_root
+from .store import (TrackingError, _apply, _ensure_experiment, _first_line, _mlflow,
+                    _not_found, _rejected, _say)
+
+SPOOL_DIR = ".mlflow-spool"
+RETRY_AFTER_S = 60.0  # after a failure, spool everything this long, then try the server again
+SPOOL_COPY_MAX_BYTES = 64 * 2**20  # files up to this size are copied into the spool
+
+
+class _Spool:
+    """Calls that could not be made, as JSON lines after one header line."""
+
+    def __init__(self, directory: Path, header: dict[str, Any]):
+        self.directory = directory
+        self.header = header
+        self.path: Optional[Path] = None
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def write(self, op: dict[str, Any]) -> None:
+        with self._lock:
+            if self.path is None:
+                self.path = self._open()
+            op = self._keep_file(op)
+            with self.path.open("a") as f:
+                f.write(json.dumps(op) + "\n")
+            self.count += 1
+
+    def _open(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = self.header.get("run_id") or time.strftime(f"new-%Y%m%d-%H%M%S-{os.getpid()}")
+        path = self.directory / f"{name}.jsonl"
+        if not path.exists() or path.stat().st_size == 0:  # a resumed run appends to its spool
+            path.write_text(json.dumps({"op": "run", **self.header}) + "\n")
+        return path
+
+    def _keep_file(self, op: dict[str, Any]) -> dict[str, Any]:
+        # A queued run's working copy is deleted when it ends: keep small files here.
+        source = Path(op.get("path", ""))
+        if op["op"] not in ("artifact", "image") or not source.is_file() \
+                or source.stat().st_size > SPOOL_COPY_MAX_BYTES:
+            return op
+        assert self.path is not None
+        files = self.path.with_suffix(".files")
+        files.mkdir(exist_ok=True)
+        kept = Path(tempfile.mkdtemp(dir=files)) / source.name
+        shutil.copy2(source, kept)
+        return {**op, "path": str(kept)}
+
+
+_STOP = object()
+
+
+class _Sender:
+    """The background thread that makes the logging calls, or spools them when it cannot."""
+
+    def __init__(self, client: Any, run_id: Optional[str], spool: _Spool):
+        self.client = client
+        self.run_id = run_id
+        self.spool = spool
+        # No run to log into (the store was unreachable at start): spool everything.
+        self.offline_until = float("inf") if run_id is None else 0.0
+        self._queue: queue.Queue = queue.Queue()
+        self._warned: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-tracking", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: dict[str, Any]) -> None:
+        self._queue.put(op)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far is sent or spooled; False on timeout."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def close(self, timeout: float) -> None:
+        if not self.flush(timeout):
+            # Still stuck in a call: spool what is left here. The call in flight
+            # is spooled by the thread if it fails, and lost if the process exits first.
+            self.offline_until = float("inf")
+            self._spool_queued()
+        self._queue.put(_STOP)
+
+    def _spool_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+            elif item is not _STOP:
+                self._to_spool(item)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self._deliver(item)
+
+    def _deliver(self, op: dict[str, Any]) -> None:
+        if time.monotonic() < self.offline_until:
+            self._to_spool(op)
+            return
+        try:
+            _apply(self.client, self.run_id, op)
+        except Exception as err:
+            if _rejected(err):
+                self._warn_once("rejected", f"MLflow refused a {op['op']} call, which is "
+                                f"dropped: {_first_line(err)}")
+                return
+            self.offline_until = time.monotonic() + RETRY_AFTER_S
+            self._to_spool(op)
+            self._warn_once("offline", f"MLflow is not answering; calls go to "
+                            f"{self.spool.path} for now (replay them later with `ddpm "
+                            f"tracking replay`). The error: {_first_line(err)}")
+
+    def _to_spool(self, op: dict[str, Any]) -> None:
+        try:
+            self.spool.write(op)
+        except Exception as err:  # a full or read-only disk must not stop training either
+            self._warn_once("spool", f"cannot write the spool file ({err}); calls are lost")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            _say(message)
+
+
+# --- replay ----------------------------------------------------------------------
+
+def replay_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
+    """Send a spool file's calls to the store; returns the run id they went to.
+
+    The store is `tracking_uri`, else MLFLOW_TRACKING_URI, else the one the spool
+    was written for. The run is the spooled one if the store has it, else a new
+    run in the same experiment. On success the file is renamed `*.jsonl.replayed`;
+    on failure it keeps what is left, so replaying again resumes there.
+    """
+    mlflow = _mlflow()
+    if mlflow is None:
+        raise TrackingError("replaying a spool needs mlflow")
+    path = Path(path)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    header, ops = records[0], records[1:]
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or header["tracking_uri"]
+    client = mlflow.MlflowClient(uri)
+    run_id = header.get("run_id")
+    try:
+        if run_id:
+            client.get_run(run_id)
+    except Exception as err:
+        if not _not_found(err):
+            raise
+        run_id = None
+    if run_id is None:
+        experiment_id = _ensure_experiment(client, header["experiment"], uri)
+        run_id = client.create_run(experiment_id, tags=header.get("tags") or {},
+                                   run_name=header.get("run_name")).info.run_id
+    # The end of a run goes last, whatever order the threads spooled it in.
+    ops.sort(key=lambda op: op["op"] == "end")
+    for done, op in enumerate(ops):
+        try:
+            _apply(client, run_id, op)
+        except Exception:
+            rest = [{**header, "run_id": run_id}] + ops[done:]
+            write_text(path, "".join(json.dumps(record) + "\n" for record in rest))
+            raise
+    path.rename(path.with_name(path.name + ".replayed"))
+    shutil.rmtree(path.with_suffix(".files"), ignore_errors=True)
+    return run_id
+
+
+def spool_files(directory: str | Path | None = None) -> list[Path]:
+    """Spool files not replayed yet, oldest first."""
+    directory = Path(directory) if directory else repo_root() / SPOOL_DIR
+    return sorted(directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)

@@ -1,0 +1,296 @@
+"""The train stage's work, behind one call (`run`) that `stages/train.py` makes.
+
+    check the inputs -> [train.nproc > 1: start that many workers, each re-running
+    the stage] -> join the process group -> rank 0 tidies the outputs and reads the
+    checkpoint -> resume it, or start fresh -> `training.train` with rank 0's
+    callbacks (progress, loss CSV, strips, in-training FID, checkpoints, tracking)
+    -> rank 0 writes models/model.pt, models/best.pt and the reports.
+
+A checkpoint is resumed only when it was made with the same model, diffusion,
+result-affecting training settings and data (`training.run_config`); then its
+MLflow run continues. One that cannot be read is moved aside, with a message,
+and training starts from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from . import atomic, checkpoint, distributed, fid, stageutil
+from .callbacks import (Checkpointer, EpochLog, LossCsv, Progress, Strips, TrackMetrics,
+                        write_loss_csv)
+from .config import ConfigError, Params, flatten
+from .diffusion import make_schedule
+from .fastpath import denoiser, strip_denoiser
+from .processed import load_processed
+from .tracking import ParamConflictError, Tracker, run_tags, select
+from .train_fid import (FidEvaluator, TrainFid, best_weights, check_reference, summary_fields,
+                        write_fid_csv)
+from .training import final_weights, run_config, steps_per_epoch, train
+from .unet import UNet, count_parameters
+
+TRAIN_SECTIONS = ("data", "preprocess", "diffusion", "model", "train")
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    data: Path  # data/processed
+    model: Path  # models/model.pt
+    checkpoints: Path  # models/checkpoints (persisted, for resume)
+    reports: Path  # reports/: train.json, train_loss.csv
+    strips: Path  # reports/strips
+    run_file: Path  # reports/mlflow_run.json
+    reference: Path  # data/reference/stats.npz, for the in-training FID
+    best: Path  # models/best.pt
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def fid_csv(self) -> Path:
+        return self.reports / "train_fid.csv"
+
+
+def run(params: Params, paths: TrainPaths, *, script: str | Path, argv: list[str]) -> None:
+    """The whole stage. With train.nproc > 1 (and not already a worker of torchrun or of
+    this launcher) it starts that many workers running `script argv` and waits."""
+    stageutil.die_with_launcher()
+    images, manifest = load_inputs(params, paths)  # before any worker starts
+    if params.train.nproc > 1 and not distributed.is_worker():
+        launch(params.train.nproc, script, argv)
+        return
+    rank, device = distributed.init(params.train.device)
+    try:
+        _train_process(params, paths, images, manifest, rank, device)
+    finally:
+        distributed.close()
+
+
+def load_inputs(params: Params, paths: TrainPaths) -> tuple[np.ndarray, dict[str, Any]]:
+    """The processed images and their manifest, after every check that needs no training:
+    shapes, the process split, and for the in-training FID the reference and the network."""
+    images, manifest = load_processed(paths.data)
+    size, factor = images.shape[-1], params.model.downsample_factor
+    if size % factor:
+        raise ConfigError(f"{paths.data} holds {size}x{size} images but the U-Net needs a "
+                          f"multiple of {factor}; rerun preprocess or change model.channels")
+    batch, ranks = min(params.train.batch_size, len(images)), params.train.nproc
+    if batch % ranks:
+        raise ConfigError(f"params.yaml: train.batch_size ({batch}) must divide evenly over "
+                          f"train.nproc ({ranks}) processes")
+    if params.train.fid_every:
+        check_reference(fid.load_stats(paths.reference), manifest["sha256"], paths.reference)
+        fid.verified_weights()
+    return images, manifest
+
+
+# ---------------------------------------------------------------- the launcher
+
+
+class WorkerFailed(RuntimeError):
+    """A training worker failed; the message is its own error line, or its exit status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def launch(nproc: int, script: str | Path, argv: list[str]) -> None:
+    """Run `python script argv` in `nproc` worker processes with torch's elastic agent (what
+    torchrun runs, here without its console output) and wait. The first worker to fail
+    stops the others; its error line is raised as WorkerFailed. Workers end with this
+    process, even on SIGKILL (`stageutil.die_with_launcher`)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # torchrun's defaults: one thread per worker unless set, a loopback rendezvous.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[stageutil.LAUNCHED_ENV] = "1"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                          run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)(str(script), *argv)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        if not (isinstance(message, str) and message.startswith("error: ")):
+            how = (f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0
+                   else f"exited with code {failure.exitcode}")
+            message = f"error: training process {rank} of {nproc} {how}; its output is above"
+        raise WorkerFailed(message.removeprefix("error: "),
+                           failure.exitcode if failure.exitcode > 0 else 1) from None
+
+
+# ---------------------------------------------------------------- one process
+
+
+def _train_process(params: Params, paths: TrainPaths, images: np.ndarray,
+                   manifest: dict[str, Any], rank: int, device: torch.device) -> None:
+    cfg = params.train
+    # Under several processes the others only compute; rank 0 logs, tracks and writes.
+    log = stageutil.log if rank == 0 else (lambda message: None)
+    run_cfg = run_config(params.diffusion, params.model, cfg, manifest["sha256"])
+    saved = None
+    if rank == 0:
+        prepare_outputs(paths, log)
+        saved = read_checkpoint(paths.checkpoint, log)
+    distributed.barrier()  # the others read the checkpoint rank 0 kept
+    if rank != 0 and paths.checkpoint.exists():
+        saved = checkpoint.load(paths.checkpoint)
+    resume = saved if saved is not None and resumable(saved, run_cfg, paths.checkpoint, log) \
+        else None
+    if resume is None and rank == 0:  # strips and best weights of another run
+        shutil.rmtree(paths.strips, ignore_errors=True)
+        paths.strips.mkdir(parents=True)
+        paths.best.unlink(missing_ok=True)
+    size = images.shape[-1]
+    n_params = count_parameters(UNet(params.model))
+    log(f"training {n_params:,} parameters on {len(images)} images of {size}x{size}, "
+        f"{cfg.epochs} epochs, device {device}" + (f", {cfg.nproc} processes" if cfg.nproc > 1
+                                                   else ""))
+
+    tracker = Tracker(params.mlflow, enabled=rank == 0).start(
+        run_id=resume.get("mlflow_run_id") if resume else None,
+        run_name=os.environ.get("DVC_EXP_NAME"),
+        tags=run_tags(data_source=params.data.source, dataset_hash=manifest["sha256"],
+                      device=str(device), parameters=n_params),
+        system_metrics=True)
+    with tracker:
+        try:
+            tracker.log_params(select(flatten(params), *TRAIN_SECTIONS))
+        except ParamConflictError as err:  # a resumed run with changed cadence/device settings
+            log(f"warning: {err}; the run keeps its first values")
+        if rank == 0:
+            tracker.write_run_file(paths.run_file)
+        callbacks = rank0_callbacks(params, paths, run_cfg, len(images), size, device, resume,
+                                    tracker, log) if rank == 0 else ()
+        state = train(torch.from_numpy(images), params.diffusion, params.model, cfg,
+                      device=device, resume=resume, callbacks=callbacks)
+        if rank == 0:
+            write_outputs(state, paths, run_cfg, size, n_params, len(images), device, tracker)
+            log(f"model written to {paths.model}; strips in {paths.strips}")
+
+
+def prepare_outputs(paths: TrainPaths, log: Callable[[str], None]) -> None:
+    """What a killed run left, and outputs DVC expects even when empty."""
+    for path in (paths.checkpoint, paths.model):
+        for stale in atomic.remove_stale_temps(path):
+            log(f"removed {stale}, left by an interrupted write")
+    paths.strips.mkdir(parents=True, exist_ok=True)  # declared even with train.strip_every: 0
+
+
+def read_checkpoint(path: Path, log: Callable[[str], None]) -> Optional[dict[str, Any]]:
+    """The checkpoint, None if there is none, or - when it cannot be read (truncated, not a
+    checkpoint, refused by weights_only) - None after moving it aside for inspection."""
+    try:
+        return checkpoint.load(path)
+    except FileNotFoundError:
+        return None
+    except checkpoint.CheckpointError as err:
+        aside = path.with_name(path.name + ".unreadable")
+        os.replace(path, aside)
+        log(f"warning: {err.reason}: moved it to {aside} and training from scratch "
+            f"(delete that file once you no longer need it)")
+        return None
+
+
+def resumable(saved: dict[str, Any], run_cfg: dict[str, Any], path: Path,
+              log: Callable[[str], None]) -> bool:
+    diffs = checkpoint.differences(saved.get("run", {}), run_cfg)
+    if diffs:
+        if "attention_norm" not in saved.get("run", {}).get("model", {"attention_norm": 0}):
+            diffs.append("it predates model.attention_norm (its model normalised the "
+                         "attention input)")
+        log(f"not resuming from {path}: it was made with other settings ("
+            + "; ".join(diffs) + "); training from scratch")
+        return False
+    log(f"resuming from {path} at epoch {saved['epoch']} (step {saved['step']})")
+    return True
+
+
+def rank0_callbacks(params: Params, paths: TrainPaths, run_cfg: dict[str, Any],
+                    n_images: int, size: int, device: torch.device,
+                    resume: Optional[dict[str, Any]], tracker: Tracker,
+                    log: Callable[[str], None]) -> tuple:
+    cfg = params.train
+    epoch_steps = steps_per_epoch(n_images, cfg.batch_size)
+    schedule = make_schedule(params.diffusion).to(device)
+
+    def scored(row: dict[str, Any], best: dict[str, Any]) -> None:
+        tracker.log_metrics({"train/fid": row["fid"], "train/kid": row["kid"],
+                             "train/seconds": row["seconds"], "train/best_fid": best["fid"],
+                             "train/best_epoch": best["epoch"],
+                             "train/fid_eval_seconds": row["eval_seconds"]}, step=row["step"])
+        log(f"epoch {row['epoch']}: FID {row['fid']:.2f}, KID {row['kid']:.4f} on "
+            f"{row['samples']} DDIM-{min(cfg.fid_steps, schedule.T)} samples ({row['eval_seconds']:.1f} s); "
+            f"best FID {best['fid']:.2f} at epoch {best['epoch']}")
+
+    evaluate = FidEvaluator(fid.load_stats(paths.reference) if cfg.fid_every else {},
+                            cfg.fid_samples, cfg.fid_steps, schedule, size, cfg.seed, device,
+                            fast=lambda model: denoiser(model, device, cfg.precision,
+                                                        cfg.compile, cfg.compile_mode,
+                                                        cfg.channels_last))
+    return (
+        Progress(cfg.epochs, epoch_steps, resume["step"] if resume else 0),
+        LossCsv(paths.reports / "train_loss.csv"),
+        Strips(paths.strips, schedule, size, cfg.seed, cfg.strip_every, cfg.epochs, device,
+               on_saved=lambda path, epoch: tracker.log_image(path, "reverse_strip", epoch),
+               fast=lambda model: strip_denoiser(model, device, cfg)),
+        TrainFid(evaluate, cfg.fid_every, cfg.epochs, paths.fid_csv, paths.best, run_cfg, size,
+                 on_scored=scored),
+        Checkpointer(paths.checkpoint, run_cfg, cfg.checkpoint_every, cfg.epochs,
+                     extra={"mlflow_run_id": tracker.run_id}),
+        TrackMetrics(tracker),
+        EpochLog(log),
+    )
+
+
+def write_outputs(state: Any, paths: TrainPaths, run_cfg: dict[str, Any], size: int,
+                  n_params: int, n_images: int, device: torch.device, tracker: Tracker) -> None:
+    checkpoint.save(paths.model, final_weights(state, run_cfg, size))
+    write_loss_csv(paths.reports / "train_loss.csv", state.history)
+    history = state.extra.get("fid", [])
+    write_fid_csv(paths.fid_csv, history)  # a header alone with train.fid_every: 0
+    if not history:  # train.fid_every: 0 - the final weights, and best.pt says so
+        checkpoint.save(paths.best, best_weights(state, run_cfg, size, None))
+    elif not paths.best.exists():
+        raise checkpoint.CheckpointError(f"{paths.best} is missing although the run scored "
+                                         f"{len(history)} in-training FIDs",
+                                         "it was deleted while training; retrain from scratch "
+                                         "(remove models/checkpoints/last.pt)")
+    last = state.epochs_done[-1]
+    report = {
+        "epochs": state.epoch,
+        "steps": state.step,
+        "final_loss": last["loss"],
+        "final_loss_by_t_quartile": list(last["loss_quartiles"]),
+        "images_per_s": last["images_per_s"],
+        "seconds": sum(e["seconds"] for e in state.epochs_done),
+        "parameters": n_params,
+        "images": n_images,
+        "device": str(device),
+        "step_variant": last.get("variant", ""),
+        **summary_fields(history),
+    }
+    atomic.write_json(paths.reports / "train.json", report)
+    tracker.log_metrics({f"train/final_{k}": v for k, v in report.items()
+                         if isinstance(v, (int, float))}, step=state.step)
+    tracker.log_artifact(paths.model, "model")
+    tracker.log_artifact(paths.reports / "train_loss.csv", "reports")
+    tracker.log_artifact(paths.fid_csv, "reports")

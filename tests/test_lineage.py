@@ -1,0 +1,188 @@
+"""What a stage runs is what DVC recorded: the stage's own checkout of the library, and every
+library module that can change its outputs listed in its dvc.yaml deps."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO, dvc, make_dvc_project
+
+LIBRARY = REPO / "src" / "ddpm"
+
+# Modules a stage imports that cannot change a cached output, and why. Anything else a
+# stage script reaches, directly or through other modules (lazy imports included), must
+# be one of its deps.
+NOT_DEPS = {
+    "src/ddpm/__init__.py": "the package's docstring and version string",
+    "src/ddpm/stageutil.py": "stage plumbing: argument parsing, printing, one-line error exits",
+    "src/ddpm/config.py": "parses and checks params.yaml; the values are DVC params, and every "
+                          "key is in params.yaml (test_params_yaml_sets_every_key), so no "
+                          "default written in config.py reaches a stage",
+    "src/ddpm/atomic.py": "how files are written (temporary name, rename, mode), not what",
+}
+for _part in ("__init__", "store", "tracker", "spool"):  # the tracking package
+    NOT_DEPS[f"src/ddpm/tracking/{_part}.py"] = (
+        "sends to MLflow; the run files it writes hold run ids, which differ on every run anyway")
+
+
+def _module_file(name: str) -> Path | None:
+    """src/ddpm/<name>.py (or a package's __init__) for a dotted `ddpm...` name."""
+    parts = name.split(".")
+    if parts[0] != "ddpm":
+        return None
+    base = REPO / "src" / Path(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[Path]:
+    """The library files `path` imports anywhere in its body (functions included)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = None  # the package a relative import starts from
+    if path.is_relative_to(LIBRARY):
+        parts = path.relative_to(REPO / "src").with_suffix("").parts
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        package = tuple(p for p in package if p != "__init__")
+    found: set[Path] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: only inside the library
+                anchor = ".".join(package[:len(package) - node.level + 1])
+                base = f"{anchor}.{base}" if base else anchor
+            # `from ddpm import atomic` names a module; `from ddpm.x import y` a name in x
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            file = _module_file(name) if name else None
+            if file is not None:
+                found.add(file)
+    return found
+
+
+def import_closure(script: Path) -> set[str]:
+    """Every library file `script` reaches through imports, as repository-relative paths."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for file in imported_modules(todo.pop()):
+            if file not in seen:
+                seen.add(file)
+                todo.append(file)
+    return {str(p.relative_to(REPO)) for p in seen}
+
+
+def code_deps(stage: dict) -> set[str]:
+    return {d for d in stage.get("deps", []) if d.endswith(".py")}
+
+
+def dep_problems(pipeline: dict) -> list[str]:
+    """What each stage's deps miss, or list without using, against its script's imports."""
+    problems = []
+    for name, stage in pipeline["stages"].items():
+        script = f"stages/{name}.py"
+        wanted = {script} | (import_closure(REPO / script) - set(NOT_DEPS))
+        listed = code_deps(stage)
+        problems += [f"{name}: {dep} is imported but not a dep" for dep in sorted(wanted - listed)]
+        problems += [f"{name}: {dep} is a dep but not imported" for dep in sorted(listed - wanted)]
+    return problems
+
+
+def pipeline() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_every_stage_lists_the_modules_it_imports():
+    assert dep_problems(pipeline()) == []
+
+
+def test_the_deps_check_sees_one_missing_dep():
+    broken = copy.deepcopy(pipeline())
+    deps = broken["stages"]["train"]["deps"]
+    deps.remove("src/ddpm/samplers.py")  # reached only through callbacks and fastpath
+    assert dep_problems(broken) == ["train: src/ddpm/samplers.py is imported but not a dep"]
+
+
+def test_lazy_imports_count():
+    closure = import_closure(REPO / "stages" / "train.py")
+    assert "src/ddpm/samplers.py" in closure and "src/ddpm/distributed.py" in closure
+    assert all((REPO / path).is_file() for path in closure)
+
+
+def test_params_yaml_sets_every_key():
+    """So that config.py's defaults never decide a pipeline result behind DVC's back."""
+    import dataclasses
+
+    from ddpm.config import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in dataclasses.fields(Params):
+        keys = {f.name for f in dataclasses.fields(section.default_factory())}
+        assert set(raw[section.name]) == keys, section.name
+
+
+# ---------------------------------------------------------------- the code that runs
+
+
+MARKER = '''
+import os as _os, pathlib as _pathlib
+if _os.environ.get("DDPM_MARKER_DIR"):
+    (_pathlib.Path(_os.environ["DDPM_MARKER_DIR"]) / f"ran-{_os.getpid()}").write_text(__file__)
+'''
+
+
+def test_stages_run_their_own_checkout_of_the_library(tmp_path):
+    """The environment's ddpm is installed from this checkout; the project's copy of src/
+    differs (a marker in ddpm/__init__.py). `dvc repro` and `dvc exp run --temp` (which
+    runs in a copy under .dvc/tmp/exps/) must both run the project's copy."""
+    root = make_dvc_project(tmp_path / "project",
+                            {"data": {"source": "synthetic", "synthetic_count": 4}})
+    init = root / "src" / "ddpm" / "__init__.py"
+    init.write_text(init.read_text() + MARKER)
+    subprocess.run(["git", "commit", "-qam", "marker"], cwd=root, check=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    import ddpm
+
+    assert Path(ddpm.__file__).resolve().is_relative_to(REPO)  # the installed library
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    os.environ["DDPM_MARKER_DIR"] = str(marks)
+    try:
+        dvc("repro", "download", cwd=root)
+        ran = [Path(p.read_text()) for p in marks.iterdir()]
+        assert ran and all(p == init for p in ran), ran
+        for p in marks.iterdir():
+            p.unlink()
+        dvc("exp", "run", "--temp", "download", "-S", "data.synthetic_count=6", cwd=root)
+        ran = [Path(p.read_text()) for p in marks.iterdir()]
+        temp = root / ".dvc" / "tmp" / "exps"
+        assert ran and all(p.is_relative_to(temp) and p.name == "__init__.py" for p in ran), ran
+    finally:
+        del os.environ["DDPM_MARKER_DIR"]
+
+
+def test_the_demo_project_runs_its_own_copy(tmp_path):
+    from ddpm.demo import prepare
+
+    out = tmp_path / "demo"
+    prepare(out, REPO, REPO / "params.yaml")
+    init = out / "src" / "ddpm" / "__init__.py"
+    init.write_text(init.read_text() + MARKER)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    subprocess.run([sys.executable, "stages/download.py", "--help"], cwd=out, check=True,
+                   capture_output=True, env={**os.environ, "DDPM_MARKER_DIR": str(marks)})
+    assert [Path(p.read_text()) for p in marks.iterdir()] == [init]
