@@ -8,17 +8,37 @@ import numpy as np
 import pytest
 import yaml
 
+from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.demo import copy_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A model small enough to train in seconds on a CPU.
+# The tests' one tiny configuration: a U-Net that trains in seconds on a CPU, on 16x16
+# images. Tests add the sections they need with `tiny(...)`.
 TINY = {
     "model": {"channels": [32, 64], "attention": [False, True], "blocks_per_level": 1,
               "dropout": 0.0},
-    "diffusion": {"steps": 40},
+    "diffusion": {"steps": 20},
     "preprocess": {"image_size": 16},
 }
+TINY_MODEL = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in TINY["model"].items()})
+TINY_DIFFUSION = DiffusionConfig(**TINY["diffusion"])
+
+
+def tiny(**sections: dict) -> dict:
+    """TINY with more sections, or more keys in its own: tiny(train={"epochs": 2})."""
+    merged = {name: dict(values) for name, values in TINY.items()}
+    for name, values in sections.items():
+        merged.setdefault(name, {}).update(values)
+    return merged
+
+
+def as_sets(overrides: dict) -> list[str]:
+    """The overrides as `--set section.key=value` arguments (YAML values)."""
+    return [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+            .replace("\n...", "") for section, values in overrides.items()
+            for key, value in values.items()]
 
 
 def write_processed(out: Path, images: np.ndarray) -> Path:
@@ -75,3 +95,22 @@ def dvc(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subp
 @pytest.fixture
 def tiny_overrides():
     return {k: dict(v) for k, v in TINY.items()}
+
+
+class Crash(Exception):
+    """What `CrashAt` raises: a stand-in for a killed training run."""
+
+
+class CrashAt:
+    """A training callback that raises Crash at the end of `epoch` (after the callbacks
+    before it, e.g. a checkpoint, have run)."""
+
+    def __init__(self, epoch: int = 1):
+        self.epoch = epoch
+
+    def on_log(self, row):
+        pass
+
+    def on_epoch_end(self, state, summary):
+        if summary.epoch == self.epoch:
+            raise Crash

@@ -10,19 +10,13 @@ import math
 import pytest
 import torch
 
+from conftest import tiny
 from ddpm.bench import Counts, project_stage, run_bench
 from ddpm.config import params_from_dict
 from ddpm.unet import UNet
 
-TINY = {
-    "model": {"channels": [32, 64], "attention": [False, True], "blocks_per_level": 1,
-              "dropout": 0.0},
-    "diffusion": {"steps": 20},
-    "preprocess": {"image_size": 16},
-    "train": {"batch_size": 4, "fid_steps": 5},
-    "generate": {"batch_size": 2},
-    "evaluate": {"batch_size": 2},
-}
+TINY = tiny(train={"batch_size": 4, "fid_steps": 5}, generate={"batch_size": 2},
+            evaluate={"batch_size": 2})
 FEW = Counts(train_warmup=1, train_steps=2, sample_warmup=1, sample_steps=2,
              matmul_size=256, matmul_iters=2, inception_images=2)
 

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from conftest import REPO, TINY, write_params, write_processed
+from conftest import REPO, TINY, TINY_MODEL, write_params, write_processed
 from ddpm import checkpoint
 
 
@@ -21,13 +22,16 @@ def test_two_gloo_processes_match_one_process(tmp_path):
                                    "strip_every": 0, "log_every": 2, "warmup_epochs": 0,
                                    "lr": 1e-3},
                  "mlflow": {"enabled": False}}
-    params = write_params(tmp_path / "params.yaml", overrides)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     outputs = {}
-    for procs in (1, 2):
+    for procs in (1, 2):  # torchrun for one process, the stage's own launcher for two
         work = tmp_path / f"np{procs}"
+        launch = ([torchrun, "--standalone", "--nproc_per_node", "1"] if procs == 1 else
+                  [sys.executable])
+        params = write_params(tmp_path / f"params{procs}.yaml",
+                              {**overrides, "train": {**overrides["train"], "nproc": procs}})
         done = subprocess.run(
-            [torchrun, "--standalone", "--nproc_per_node", str(procs), str(REPO / "stages" / "train.py"),
+            [*launch, str(REPO / "stages" / "train.py"),
              "--params", str(params), "--data", str(data), "--model", str(work / "model.pt"),
              "--checkpoints", str(work / "ckpt"), "--reports", str(work / "reports"),
              "--strips", str(work / "strips"), "--run-file", str(work / "run.json")],
@@ -41,10 +45,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # lr-sized steps, so compare the typical difference with the typical move.
     diff = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
     torch.manual_seed(42)  # train.seed: the initial weights
-    from ddpm.config import ModelConfig
     from ddpm.unet import UNet
-    init = UNet(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in TINY["model"].items()})).state_dict()
+    init = UNet(TINY_MODEL).state_dict()
     moved = torch.cat([(one[k] - init[k]).abs().flatten() for k in one])
     print(f"mean |1 proc - 2 procs| {diff.mean():.3g}, mean |trained - init| {moved.mean():.3g}")
     assert diff.mean() < 0.01 * moved.mean()
@@ -54,25 +56,29 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert (diff > 0.1 * moved.mean()).float().mean() < 1e-3
 
 
-def test_a_killed_torchrun_takes_its_worker_with_it_and_the_run_resumes(tmp_path):
-    """SIGKILL to torchrun alone (a killed `dvc repro`) must not leave training running."""
+@pytest.mark.parametrize("launcher", ["torchrun", "stage"])
+def test_a_killed_launcher_takes_its_workers_with_it_and_the_run_resumes(tmp_path, launcher):
+    """SIGKILL to the launcher alone (a killed `dvc repro`) must not leave training running:
+    torchrun with one worker, or the stage's own launcher with train.nproc: 2."""
     images = np.random.default_rng(0).integers(0, 256, (256, 3, 16, 16), dtype=np.uint8)
     data = write_processed(tmp_path / "processed", images)
+    nproc = 2 if launcher == "stage" else 1
     params = write_params(tmp_path / "params.yaml", {
         **TINY, "train": {"epochs": 10, "batch_size": 8, "device": "cpu", "compile": "off",
-                          "strip_every": 0}, "mlflow": {"enabled": False}})
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "1",
-           str(REPO / "stages" / "train.py"), "--params", str(params), "--data", str(data)]
+                          "strip_every": 0, "nproc": nproc}, "mlflow": {"enabled": False}})
+    script = [str(REPO / "stages" / "train.py"), "--params", str(params), "--data", str(data)]
+    cmd = ([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
+            "1", *script] if launcher == "torchrun" else [sys.executable, *script])
     env = {"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "models" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
-    while not ckpt.exists() and launcher.poll() is None and time.time() < deadline:
+    while not ckpt.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert ckpt.exists(), "no checkpoint was written"
-    os.kill(launcher.pid, signal.SIGKILL)
-    launcher.wait()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
 
     def workers() -> list[str]:
         ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout

@@ -6,18 +6,16 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import dvc, make_dvc_project
+from conftest import dvc, make_dvc_project, tiny
 
-TINY_PIPELINE = {
-    "data": {"source": "synthetic", "synthetic_count": 40},
-    "preprocess": {"image_size": 16},
-    "diffusion": {"steps": 20},
-    "model": {"channels": [32, 64], "attention": [False, True], "blocks_per_level": 1, "dropout": 0.0},
-    "train": {"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1,
-              "fid_every": 1, "fid_samples": 8, "fid_steps": 3},
-    "generate": {"num_samples": 24, "sampler": "ddim", "steps": 5, "batch_size": 24, "grid_size": 16},
-    "evaluate": {"kid_subset_size": 10, "kid_subsets": 5, "batch_size": 24},
-}
+TINY_PIPELINE = tiny(
+    data={"source": "synthetic", "synthetic_count": 40},
+    train={"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1,
+           "fid_every": 1, "fid_samples": 8, "fid_steps": 3},
+    generate={"num_samples": 24, "sampler": "ddim", "steps": 5, "batch_size": 24,
+              "grid_size": 16},
+    evaluate={"kid_subset_size": 10, "kid_subsets": 5, "batch_size": 24},
+)
 
 
 def runs(root):

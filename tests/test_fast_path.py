@@ -7,14 +7,14 @@ import json
 import numpy as np
 import torch
 
-from conftest import TINY, run_stage, write_params, write_processed
-from ddpm.config import DiffusionConfig, ModelConfig, TrainConfig
+from conftest import TINY, run_stage, write_params, write_processed, TINY_MODEL
+from ddpm.config import DiffusionConfig, TrainConfig
 from ddpm.fastpath import autocast_for, maybe_compile
 from ddpm.step import build_state
 from ddpm.training import train
 from ddpm.unet import UNet
 
-MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
+MODEL = TINY_MODEL
 
 
 def test_bf16_training_follows_the_fp32_loss_curve():

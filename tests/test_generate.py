@@ -6,15 +6,17 @@ import sys
 import numpy as np
 import torch
 
+from conftest import TINY_MODEL, TINY_DIFFUSION
+
 from ddpm import checkpoint
-from ddpm.config import DiffusionConfig, GenerateConfig, ModelConfig
+from ddpm.config import GenerateConfig
 from ddpm.diffusion import make_schedule
 from ddpm.fastpath import denoiser
 from ddpm.generate import generate_samples, write_figures
 from ddpm.unet import UNet
 
-MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
-DIFFUSION = DiffusionConfig(steps=20)
+MODEL = TINY_MODEL
+DIFFUSION = TINY_DIFFUSION
 
 
 def tiny_model():

@@ -5,11 +5,9 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, as_sets, tiny
 
-TINY_SETS = ["preprocess.image_size=16", "model.channels=[32,64]", "model.attention=[false,true]",
-             "model.blocks_per_level=1", "model.dropout=0.0", "diffusion.steps=20",
-             "train.batch_size=8", "generate.batch_size=4"]
+TINY_SETS = as_sets(tiny(train={"batch_size": 8}, generate={"batch_size": 4}))
 
 
 def test_gpu_check_runs_its_parts_on_a_cpu(tmp_path):

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_DIFFUSION, TINY_MODEL, Crash, CrashAt
+
 from ddpm import checkpoint
 from ddpm.callbacks import Checkpointer
-from ddpm.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm.config import TrainConfig
 from ddpm.train_fid import FidEvaluator, TrainFid, best_of, summary_fields
 from ddpm.training import train
 
-MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
-DIFFUSION = DiffusionConfig(steps=20)
+MODEL = TINY_MODEL
+DIFFUSION = TINY_DIFFUSION
 CPU = torch.device("cpu")
 
 
@@ -84,23 +86,12 @@ def test_the_best_epoch_is_kept_with_its_weights_and_the_csv_holds_every_row(tmp
 def test_resume_keeps_the_history_and_the_best(tmp_path):
     fids = [80.0, 50.0, 70.0, 65.0]
 
-    class Crash(Exception):
-        pass
-
-    class CrashAfter:
-        def on_log(self, row):
-            pass
-
-        def on_epoch_end(self, state, summary):
-            if summary.epoch == 2:
-                raise Crash
-
     ckpt = tmp_path / "last.pt"
     first = Scripted(fids)
     with pytest.raises(Crash):
         train(images(), DIFFUSION, MODEL, cfg(epochs=4), device=CPU,
               callbacks=(fid_callback(tmp_path, first, 1, 4),
-                         Checkpointer(ckpt, {}, every=1, epochs=4), CrashAfter()))
+                         Checkpointer(ckpt, {}, every=1, epochs=4), CrashAt(2)))
     best_before = torch.load(tmp_path / "best.pt", weights_only=True)
     rest = Scripted(fids[2:])
     state = train(images(), DIFFUSION, MODEL, cfg(epochs=4), device=CPU,

@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_stage, write_params, write_processed
+from conftest import REPO, TINY, TINY_MODEL, Crash, CrashAt, run_stage, write_params, write_processed
 from ddpm import checkpoint
 from ddpm.callbacks import Checkpointer
-from ddpm.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm.config import DiffusionConfig, TrainConfig
 from ddpm.training import NonFiniteLossError, dropout_seed, lr_at, train
 
-MODEL = ModelConfig(channels=(32, 64), attention=(False, True), blocks_per_level=1, dropout=0.0)
+MODEL = TINY_MODEL
 DIFFUSION = DiffusionConfig(steps=40)
 
 
@@ -216,20 +216,10 @@ def test_a_resumed_run_with_dropout_ends_with_identical_weights(tmp_path):
     cpu = torch.device("cpu")
     straight = train(images(), DIFFUSION, dropped, cfg(epochs=3), device=cpu)
 
-    class Crash(Exception):
-        pass
-
-    class CrashAfterFirstEpoch:
-        def on_log(self, row):
-            pass
-
-        def on_epoch_end(self, state, summary):
-            raise Crash
-
     path = tmp_path / "last.pt"
     with pytest.raises(Crash):
         train(images(), DIFFUSION, dropped, cfg(epochs=3), device=cpu,
-              callbacks=(Checkpointer(path, {}, every=1, epochs=3), CrashAfterFirstEpoch()))
+              callbacks=(Checkpointer(path, {}, every=1, epochs=3), CrashAt(1)))
     torch.manual_seed(12345)  # whatever the process drew meanwhile
     torch.rand(100)
     resumed = train(images(), DIFFUSION, dropped, cfg(epochs=3), device=cpu,

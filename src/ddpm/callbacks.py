@@ -28,6 +28,24 @@ def due(epoch: int, every: int, epochs: int) -> bool:
     return bool(every) and (epoch % every == 0 or epoch == epochs)
 
 
+class AtCadence:
+    """A callback that works at the end of every `every`-th epoch and the last (`due`):
+    subclasses set `every` and `epochs` and write `run`."""
+
+    every: int
+    epochs: int
+
+    def on_log(self, row: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
+        if due(summary.epoch, self.every, self.epochs):
+            self.run(state, summary)
+
+    def run(self, state: TrainState, summary: EpochSummary) -> None:
+        raise NotImplementedError
+
+
 def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
     """The whole loss history (kept in the checkpoint, so it survives a resume)."""
     buf = io.StringIO()
@@ -90,7 +108,7 @@ class LossCsv:
         write_loss_csv(self.path, state.history)
 
 
-class Strips:
+class Strips(AtCadence):
     """A reverse-diffusion strip with the EMA model every `every` epochs (and the last).
 
     The strip runs T batch-1 model calls, twice as many as the seed's epoch has
@@ -107,12 +125,7 @@ class Strips:
         self.on_saved, self.fast = on_saved, fast
         self.denoise: Optional[Denoiser] = None
 
-    def on_log(self, row: dict[str, float]) -> None:
-        pass
-
-    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
-        if not due(summary.epoch, self.every, self.epochs):
-            return
+    def run(self, state: TrainState, summary: EpochSummary) -> None:
         if self.denoise is None:  # the EMA model is updated in place: wrapped once
             self.denoise = self.fast(state.ema.model)
         frames = reverse_strip(self.denoise, self.schedule, self.image_size, self.seed,
@@ -123,7 +136,7 @@ class Strips:
             self.on_saved(path, summary.epoch)
 
 
-class Checkpointer:
+class Checkpointer(AtCadence):
     """The full training state every `every` epochs and after the last one, written in
     the background (`checkpoint.BackgroundSaver`); `close()` waits for the last write."""
 
@@ -133,12 +146,7 @@ class Checkpointer:
         self.extra = extra or {}  # e.g. the tracking run id, so a resume continues that run
         self.saver = checkpoint.BackgroundSaver()
 
-    def on_log(self, row: dict[str, float]) -> None:
-        pass
-
-    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
-        if not due(summary.epoch, self.every, self.epochs):
-            return
+    def run(self, state: TrainState, summary: EpochSummary) -> None:
         self.saver.save(self.path, {"run": self.run_config, **self.extra, **state.state_dict()})
 
     def close(self) -> None:

@@ -231,10 +231,17 @@ def extract_features(
         for start in range(0, len(images), batch_size):
             batch = _batch_nchw(images[start:start + batch_size]).to(device)  # uint8
             # Asynchronous on a GPU: the host goes on to upload the next batch.
-            features.append(model(resize_for_inception(batch)))
+            features.append(model(_layout(resize_for_inception(batch))))
             if progress is not None:
                 progress(len(batch))
     return _gathered(features)
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last on a CPU: the network ran 1.4x faster so on a 2-core AMD EPYC (3.7 ->
+    5.3 img/s), its features within 1e-6 relative of NCHW's. GPUs keep the layout whose
+    speed was measured (NCHW)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 def _gathered(features: list[torch.Tensor]) -> np.ndarray:
@@ -271,7 +278,7 @@ def file_features(files: list[Path], model: torch.nn.Module, batch_size: int = 1
         for start in range(0, len(files), batch_size):
             chunk = [_read_rgb(f).to(device) for f in files[start:start + batch_size]]
             resized = torch.cat([resize_for_inception(x[None]) for x in chunk])
-            features.append(model(resized))
+            features.append(model(_layout(resized)))
             if progress is not None:
                 progress(len(chunk))
     return _gathered(features)

@@ -330,7 +330,11 @@ def want_cuda_graph(cfg: TrainConfig, device: torch.device, ranks: int) -> bool:
     """Whether to capture the step: `on` on one CUDA process. `auto` is off until a GPU run
     has shown the captured step equal to the ordinary one and faster (README, "Speed");
     under DDP it is off (NCCL capture not yet tried)."""
-    if cfg.cuda_graph != "on" or device.type != "cuda":
+    if cfg.cuda_graph != "on":
+        return False
+    if device.type != "cuda":
+        warnings.warn(f"train.cuda_graph: on needs a CUDA device; on {device.type} the step "
+                      f"runs uncaptured", stacklevel=3)
         return False
     if ranks > 1:
         warnings.warn(f"train.cuda_graph: on is ignored with {ranks} processes: whole-step "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import atomic, checkpoint, fid
-from .callbacks import due
+from .callbacks import AtCadence
 from .config import GenerateConfig
 from .diffusion import Schedule
 from .generate import generate_samples
@@ -80,7 +80,7 @@ def write_fid_csv(path: Path, history: list[dict[str, Any]]) -> None:
     atomic.write_text(path, buf.getvalue())
 
 
-class TrainFid:
+class TrainFid(AtCadence):
     """The training callback: evaluate at the cadence, keep the history and the best weights.
 
     `score(ema_model) -> {"fid", "kid", "count_a", ...}` is a `FidEvaluator` in the train
@@ -96,12 +96,7 @@ class TrainFid:
         self.run_config, self.image_size, self.on_scored = run_config, image_size, on_scored
         self.saver = checkpoint.BackgroundSaver()
 
-    def on_log(self, row: dict[str, float]) -> None:
-        pass
-
-    def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
-        if not due(summary.epoch, self.every, self.epochs):
-            return
+    def run(self, state: TrainState, summary: EpochSummary) -> None:
         started = time.perf_counter()
         result = self.score(state.ema.model)
         row = {"epoch": summary.epoch, "step": summary.step,

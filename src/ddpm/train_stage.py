@@ -289,8 +289,10 @@ def write_outputs(state: Any, paths: TrainPaths, run_cfg: dict[str, Any], size: 
         **summary_fields(history),
     }
     atomic.write_json(paths.reports / "train.json", report)
-    tracker.log_metrics({f"train/final_{k}": v for k, v in report.items()
-                         if isinstance(v, (int, float))}, step=state.step)
+    # train/final_loss, train/best_fid, ...: the run's numbers as top-level metrics
+    tracker.log_metrics({f"train/{k}" if k.startswith(("final_", "best_")) else f"train/final_{k}": v
+                         for k, v in report.items() if isinstance(v, (int, float))},
+                        step=state.step)
     tracker.log_artifact(paths.model, "model")
     tracker.log_artifact(paths.reports / "train_loss.csv", "reports")
     tracker.log_artifact(paths.fid_csv, "reports")

@@ -157,17 +157,11 @@ def _existing_run(client: Any, run_id: Optional[str], uri: str) -> Any:
         return None
 
 
-# MLflow 3's UI opens an experiment in its GenAI (traces) view unless the experiment says
-# it is model training: this tag is what its "Model training" switch sets.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
 def _ensure_experiment(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri),
-                                            tags=EXPERIMENT_KIND)
+            return client.create_experiment(name, artifact_location=artifact_location(uri))
         except Exception:
             # Another queued experiment may have created it in the meantime.
             experiment = client.get_experiment_by_name(name)
@@ -175,14 +169,14 @@ def _ensure_experiment(client: Any, name: str, uri: str) -> str:
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
-    for key, value in EXPERIMENT_KIND.items():
-        if key not in experiment.tags:  # made before we tagged, or by someone else
-            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
 def ui_link(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
-    """The experiment's runs table in `mlflow ui` (not its GenAI overview)."""
+    """The experiment's runs table in `mlflow ui`. MLflow 3.17's UI opens a bare experiment
+    link on its GenAI overview (empty traces) whatever the experiment's tags say; the
+    query parameter is what switches the page to model training (checked in headless
+    Chromium, 2026-12-01)."""
     return f"{host}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
