@@ -126,8 +126,8 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path):
     import time
 
     root = make_dvc_project(tmp_path / "queue", TINY_PIPELINE)
-    for name, epochs in (("exp-a", 1), ("exp-b", 2)):
-        dvc("exp", "run", "--queue", "-n", name, "-S", f"train.epochs={epochs}", cwd=root)
+    # One experiment: each costs a whole pipeline (~45 s); --temp runs are test_lineage's.
+    dvc("exp", "run", "--queue", "-n", "exp-a", "-S", "train.epochs=1", cwd=root)
     dvc("queue", "start", cwd=root)
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -139,15 +139,13 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path):
     dvc("queue", "stop", cwd=root, check=False)
     client, found = runs(root)
     by_name = {r.data.tags.get("dvc.exp_name"): r for r in found}
-    assert set(by_name) == {"exp-a", "exp-b"}
-    for name, epochs in (("exp-a", "1"), ("exp-b", "2")):
-        run = by_name[name]
-        assert run.data.params["train.epochs"] == epochs
-        assert "evaluate/fid" in run.data.metrics and run.info.status == "FINISHED"
-        assert run.data.tags.get("dvc.baseline_rev")
+    assert set(by_name) == {"exp-a"}
+    run = by_name["exp-a"]
+    assert run.data.params["train.epochs"] == "1"
+    assert "evaluate/fid" in run.data.metrics and run.info.status == "FINISHED"
+    assert run.data.tags.get("dvc.baseline_rev")
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
-    shown = dvc("exp", "show", "--csv", cwd=root).stdout
-    assert "exp-a" in shown and "exp-b" in shown
+    assert "exp-a" in dvc("exp", "show", "--csv", cwd=root).stdout
 
 
 def test_training_survives_an_unreachable_tracking_server(tmp_path):

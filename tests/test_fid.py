@@ -102,32 +102,6 @@ def test_fid_of_a_set_with_itself_is_zero(features):
     assert abs(fid.fid_from_features(features["a"], features["a"])) < 1e-3
 
 
-@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # inside clean-fid
-def test_matches_clean_fid_on_png_folders(tmp_path, model, sets, features):
-    from cleanfid import fid as cleanfid_fid
-
-    write_pngs(sets["a"], tmp_path / "a")
-    write_pngs(sets["b"], tmp_path / "b")
-    seen = []  # the features clean-fid computes, in file order: a then b
-
-    def extractor(x: torch.Tensor) -> torch.Tensor:
-        assert x.shape[1:] == (3, 299, 299) and x.dtype == torch.float32
-        seen.append(model(x))
-        return seen[-1]
-
-    theirs = cleanfid_fid.compute_fid(
-        str(tmp_path / "a"), str(tmp_path / "b"), mode="clean", custom_feat_extractor=extractor,
-        num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
-    ours = fid.fid_from_features(features["a"], features["b"])
-
-    pixels = torch.stack([fid._read_rgb(f) for f in fid.image_files(tmp_path / "a")])
-    np.testing.assert_array_equal(pixels.numpy(), sets["a"])  # same pixels
-    seen = torch.cat(seen).double().numpy()
-    np.testing.assert_allclose(seen, np.concatenate([features["a"], features["b"]]), rtol=0, atol=1e-4)
-    assert ours > 50  # blobs vs stripes: clearly different
-    assert abs(ours - theirs) < 1e-3
-
-
 @pytest.mark.parametrize("height, width", [(64, 64), (37, 90), (400, 320)])
 def test_the_device_resize_is_clean_fids_within_float_rounding(height, width):
     """Up- and down-sampling, square or not: torch's anti-aliased bicubic, clipped, is the
@@ -160,6 +134,23 @@ def test_frechet_distance_matches_independent_sqrtm():
     got = fid.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
     assert got == pytest.approx(expected, rel=1e-9)
     assert fid.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_with_fewer_images_than_dimensions():
+    """Rank-deficient covariances (30 images, 64 dimensions) take the r x r route: the same
+    trace as the symmetric d x d form, either way round."""
+    rng = np.random.default_rng(1)
+    few = rng.standard_normal((30, 64)) @ rng.standard_normal((64, 64))
+    many = rng.standard_normal((500, 64)) @ rng.standard_normal((64, 64)) + 0.3
+    s1, s2 = fid.feature_stats(few), fid.feature_stats(many)
+    eigenvalues, vectors = np.linalg.eigh(s1["sigma"])
+    root1 = (vectors * np.sqrt(eigenvalues.clip(min=0))) @ vectors.T
+    middle = np.linalg.eigvalsh(root1 @ s2["sigma"] @ root1).clip(min=0)
+    expected = (np.sum((s1["mu"] - s2["mu"]) ** 2) + np.trace(s1["sigma"])
+                + np.trace(s2["sigma"]) - 2 * np.sqrt(middle).sum())
+    for a, b in ((s1, s2), (s2, s1)):
+        got = fid.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+        assert got == pytest.approx(expected, rel=1e-7)  # measured 2e-8 apart
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
@@ -363,9 +354,11 @@ def ddpm_fid(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # inside clean-fid
-def test_a_folder_of_mixed_size_jpegs_scores_as_clean_fid(tmp_path, model, sets):
-    """Each JPEG resized to 299 from its own size (3 sizes, grayscale among them) against a
-    folder of PNGs: the command's FID equals clean-fid's compute_fid with the same network."""
+def test_folders_score_as_clean_fid(tmp_path, model, sets, features):
+    """clean-fid's compute_fid with the same network, one call (its 2,048-d sqrtm takes
+    ~10 s): a folder of JPEGs, each resized to 299 from its own size (3 sizes, grayscale
+    among them), against a folder of PNGs. The PNGs' pixels and features are ours, and the
+    FIDs agree to 1e-2."""
     from cleanfid import fid as cleanfid_fid
 
     rng = np.random.default_rng(9)
@@ -378,12 +371,25 @@ def test_a_folder_of_mixed_size_jpegs_scores_as_clean_fid(tmp_path, model, sets)
             picture = picture.convert("L")
         picture.save(mixed / f"{i:02d}.jpg", quality=int(rng.integers(70, 95)))
     write_pngs(sets["a"], tmp_path / "a")
+    seen = []  # the features clean-fid computes, in file order: mixed, then a
+
+    def extractor(x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (3, 299, 299) and x.dtype == torch.float32
+        seen.append(model(x))
+        return seen[-1]
+
     theirs = cleanfid_fid.compute_fid(
-        str(mixed), str(tmp_path / "a"), mode="clean", custom_feat_extractor=model,
+        str(mixed), str(tmp_path / "a"), mode="clean", custom_feat_extractor=extractor,
         num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
     ours = fid.compare(mixed, tmp_path / "a", kid=False, batch_size=5, model=model)
     assert ours["count_a"] == 12 and ours["count_b"] == N
+    assert ours["fid"] > 50  # stripes vs blobs: clearly different
     assert abs(ours["fid"] - theirs) < 1e-2, (ours["fid"], theirs)
+
+    pixels = torch.stack([fid._read_rgb(f) for f in fid.image_files(tmp_path / "a")])
+    np.testing.assert_array_equal(pixels.numpy(), sets["a"])  # the PNGs read back exactly
+    their_png_features = torch.cat(seen)[12:].double().numpy()
+    np.testing.assert_allclose(their_png_features, features["a"], rtol=0, atol=1e-4)
 
 
 def test_the_evaluate_stage_and_ddpm_fid_give_the_same_numbers(tmp_path, sets, features):
