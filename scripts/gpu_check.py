@@ -422,7 +422,7 @@ def part_variants(params, out: Path) -> None:
         gen = torch.Generator(device).manual_seed(0)
         draw = (make().randn if make else
                 (lambda shape: torch.randn((batch, *shape), device=device, generator=gen)))
-        first, seconds = bench._time_loop(lambda: draw((3, size, size)), 5, 50, device)
+        first, seconds, _ = bench._time_loop(lambda: draw((3, size, size)), 5, 50, device)
         fig[f"noise_{label}"] = seconds
         say(f"variants: noise for one sampling step of {batch} images, {label}: "
             f"{seconds * 1e3:.2f} ms")

@@ -187,3 +187,24 @@ def test_epoch_end_timing_fits_a_schedule_shorter_than_its_counts(tmp_path):
     assert extras["strip_seconds"] == pytest.approx(4 * extras["strip_step_s"])
     assert "; 1 timed)" in "\n".join(lines)  # 3 warm-up steps of 4 leave 1 to time
     assert list(tmp_path.iterdir()) == []  # the checkpoints went with their temporary folder
+
+
+def test_cpu_training_steps_are_timed_for_at_least_the_minimum_time():
+    """A few millisecond-long steps are not a measurement: on a CPU the loop goes on
+    until `min_seconds` have passed, and says how many calls it timed."""
+    import time
+
+    from ddpm.bench import _time_loop
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.005)
+
+    first, mean, timed = _time_loop(step, warmup=1, iters=3, device=torch.device("cpu"),
+                                    min_seconds=0.2)
+    assert timed == len(calls) - 1 and timed > 3  # the first call is the warm-up
+    assert timed * mean >= 0.2 and mean >= 0.005 and first >= 0.005
+    _, _, timed = _time_loop(step, warmup=1, iters=3, device=torch.device("cpu"))
+    assert timed == 3

@@ -78,6 +78,23 @@ def test_the_fid_curve_has_a_finite_row_per_epoch_in_the_csv_the_report_and_mlfl
     assert set(best_pt) >= {"config", "model", "ema", "epoch", "step"}  # model.pt's format
 
 
+def test_the_demo_summary_gives_the_scores_the_fid_curve_and_the_runs_table(project, capsys):
+    import csv
+
+    from ddpm.demo import summarize
+    from ddpm.tracking import ui_link
+
+    summarize(project)
+    out = capsys.readouterr().out
+    result = json.loads((project / "reports" / "eval.json").read_text())
+    assert f"final FID {result['fid']:.1f}, KID {result['kid']:.4f} on 24 samples" in out
+    rows = list(csv.DictReader((project / "reports" / "train_fid.csv").open()))
+    curve = " -> ".join(f"{float(r['fid']):.0f} (epoch {r['epoch']})" for r in rows)
+    assert f"in-training FID    {curve}; best" in out and "8 samples each" in out
+    run = json.loads((project / "reports" / "mlflow_run.json").read_text())
+    assert ui_link(run["experiment_id"]) in out and "workflowType=machine_learning" in out
+
+
 def test_the_run_holds_params_metrics_images_and_tags(project):
     client, found = runs(project)
     assert len(found) == 1

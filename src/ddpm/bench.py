@@ -79,6 +79,9 @@ class Counts:
     inception_images: int
 
 
+TRAIN_MIN_SECONDS_CPU = 3.0  # of timed training steps per variant, on a CPU
+
+
 def counts_for(device: torch.device, quick: bool) -> Counts:
     if device.type == "cuda":
         # The first fast step compiles (about a minute); later ones take milliseconds.
@@ -95,8 +98,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_loop(step: Callable[[], Any], warmup: int, iters: int,
-               device: torch.device) -> tuple[float, float]:
-    """(seconds of the first call, mean seconds per call after `warmup` calls)."""
+               device: torch.device, min_seconds: float = 0.0) -> tuple[float, float, int]:
+    """(seconds of the first call, mean seconds per call after `warmup` calls, calls timed).
+
+    At least `iters` calls are timed, and on a CPU more until `min_seconds` have passed
+    (a GPU's loop is never synced inside, so it times exactly `iters`)."""
     start = time.perf_counter()
     step()
     _sync(device)
@@ -104,11 +110,12 @@ def _time_loop(step: Callable[[], Any], warmup: int, iters: int,
     for _ in range(warmup - 1):
         step()
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
+    start, calls = time.perf_counter(), 0
+    while calls < iters or (device.type == "cpu" and time.perf_counter() - start < min_seconds):
         step()
+        calls += 1
     _sync(device)  # the only sync of the timed loop
-    return first, (time.perf_counter() - start) / iters
+    return first, (time.perf_counter() - start) / calls, calls
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, iters: int,
@@ -202,9 +209,11 @@ def eager_step(params: Params, device: torch.device, batch: int) -> BenchStep:
 
 def measure_training(step: BenchStep, n: Counts, device: torch.device) -> dict[str, Any]:
     """Seconds per step after warm-up; `variant` is what ran after any fallback."""
-    first, seconds = _time_loop(step, n.train_warmup, n.train_steps, device)
+    # A tiny model's CPU step takes milliseconds: 3 of them varied by 30 % between runs.
+    first, seconds, timed = _time_loop(step, n.train_warmup, n.train_steps, device,
+                                       min_seconds=TRAIN_MIN_SECONDS_CPU)
     return {"images_per_s": step.batch / seconds, "step_s": seconds, "first_step_s": first,
-            "timed_steps": n.train_steps, "config": step.variant,
+            "timed_steps": timed, "config": step.variant,
             "fallbacks": sorted(set(step.fallbacks))}
 
 
@@ -429,7 +438,7 @@ def measure_inception(params: Params, device: torch.device, n: Counts,
     with torch.inference_mode(), fid._full_fp32_convolutions(device):  # as extract_features runs it
         # TorchScript's profiling executor optimizes the graph on the second and third calls
         # (seconds on a GPU): with fewer warm-up calls an H200 measured 513 img/s, not 2,135.
-        _, net_s = _time_loop(lambda: model(x), JIT_WARMUP_CALLS,
+        _, net_s, _ = _time_loop(lambda: model(x), JIT_WARMUP_CALLS,
                               max(1, n.inception_images // batch), device)
     out: dict[str, Any] = {"batch": batch, "network_images_per_s": batch / net_s}
     say(f"inception (TF-Inception pool3, fp32, batch {batch}):")
@@ -571,7 +580,9 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
     # --- training -----------------------------------------------------------
     say()
     say(f"training: forward + backward + Adam + EMA on random data "
-        f"({n.train_warmup} warm-up steps, {n.train_steps} timed)")
+        f"({n.train_warmup} warm-up steps, then {n.train_steps} timed"
+        + (f", or more until {TRAIN_MIN_SECONDS_CPU:g} s have passed" if device.type == "cpu" else "")
+        + ")")
     train: dict[str, Any] = {"batch_size": batch}
     _reset_peak(device)
     train["eager_fp32"] = measure_training(eager_step(params, device, batch), n, device)
@@ -587,7 +598,8 @@ def run_bench(params: Params, device: torch.device, quick: Optional[bool] = None
         figures["mfu"] = figures["tflops"] / peak
         say(f"  {name.replace('_', ' '):<10} {_num(figures['images_per_s']):>9} img/s "
             f"{_num(figures['tflops']):>8} TFLOP/s {100 * figures['mfu']:5.1f} % MFU  "
-            f"{_fmt_s(figures['step_s'])}/step, first {_fmt_s(figures['first_step_s'])}  "
+            f"{_fmt_s(figures['step_s'])}/step ({figures['timed_steps']} timed), first "
+            f"{_fmt_s(figures['first_step_s'])}  "
             f"[{figures['config']}]")
     for reason in train["fast"]["fallbacks"]:
         say(f"  fell back: {reason}")

@@ -18,26 +18,37 @@ import yaml
 
 from .config import apply_override, params_from_dict
 
-# Small enough for a 2-core CPU in minutes; big enough that samples look like cars.
+# Sized for a 2-core CPU: the whole pipeline in under 8 minutes, with FID against its
+# 600 real images (see README "The demo", which has the figures and the settings tried).
+# A small U-Net trained in many small steps (2,516 of batch 16) learns more in the time
+# than a wider one in fewer; a cosine schedule reaches pure noise at T = 64 (the seed's
+# linear betas would leave 28 % of the signal at T = 256); DDIM-20 with eta 1 scored
+# better than eta 0, DDPM-64 and more or fewer DDIM steps.
 DEMO_OVERRIDES = {
     "data.source": "synthetic",
     "data.synthetic_count": 600,
     "preprocess.image_size": 32,
-    "diffusion.steps": 256,
-    "model.channels": [32, 64, 64],
+    "diffusion.steps": 64,
+    "diffusion.schedule": "cosine",
+    "model.channels": [16, 32, 64],
     "model.attention": [False, False, True],
     "model.blocks_per_level": 1,
     "model.dropout": 0.0,
-    "train.epochs": 60,
-    "train.batch_size": 32,
-    "train.lr": 0.001,
+    "model.groups": 8,
+    "train.epochs": 68,
+    "train.batch_size": 16,
+    "train.lr": 0.002,
     "train.warmup_epochs": 1,
-    "train.ema_decay": 0.99,
-    "train.log_every": 10,
-    "train.strip_every": 15,
+    "train.ema_decay": 0.995,
+    "train.log_every": 25,
+    "train.strip_every": 17,
+    "train.fid_every": 17,
+    "train.fid_samples": 64,
+    "train.fid_steps": 20,
     "generate.num_samples": 256,
     "generate.sampler": "ddim",
-    "generate.steps": 50,
+    "generate.steps": 20,
+    "generate.eta": 1.0,
     "generate.batch_size": 128,
     "generate.grid_size": 64,
     "evaluate.kid_subset_size": 100,
@@ -119,13 +130,19 @@ def summarize(out: Path) -> None:
         lines.append(f"  final FID {result['fid']:.1f}, KID {result.get('kid', float('nan')):.4f} "
                      f"on {result['num_samples']} samples against {result['num_reference']} "
                      f"real images")
-    if (out / "reports" / "train.json").exists():
+    curve = out / "reports" / "train_fid.csv"
+    if (out / "reports" / "train.json").exists() and curve.exists():
+        import csv
+
         report = json.loads((out / "reports" / "train.json").read_text())
-        if report.get("best_fid") is not None:
-            lines.append(f"  in-training FID: best {report['best_fid']:.1f} at epoch "
-                         f"{report['best_epoch']} of {report['epochs']} "
-                         f"({report['fid_samples']} samples each; the curve: "
-                         f"reports/train_fid.csv, `dvc plots show`, or train/fid in MLflow)")
+        rows = list(csv.DictReader(curve.open()))
+        if rows and report.get("best_fid") is not None:
+            points = " -> ".join(f"{float(r['fid']):.0f} (epoch {r['epoch']})" for r in rows)
+            lines.append(f"  in-training FID    {points}; best {report['best_fid']:.1f} at epoch "
+                         f"{report['best_epoch']}")
+            lines.append(f"  {'':19s} ({report['fid_samples']} samples each, DDIM eta 0: "
+                         f"higher than the final FID, compare it along the curve; "
+                         f"`dvc plots show`, or train/fid in MLflow)")
     if (out / "mlflow.db").exists():
         run = json.loads((out / "reports" / "mlflow_run.json").read_text())
         lines.append(f"  {'tracking (MLflow)':19s} mlflow ui --backend-store-uri "
