@@ -136,7 +136,7 @@ def summarize(out: Path) -> None:
         import csv
 
         report = json.loads((out / "reports" / "train.json").read_text())
-        rows = list(csv.DictReader(curve.open()))
+        rows = list(csv.DictReader(curve.read_text().splitlines()))
         if rows and report.get("best_fid") is not None:
             points = " -> ".join(f"{float(r['fid']):.0f} (epoch {r['epoch']})" for r in rows)
             lines.append(f"  in-training FID    {points}; best {report['best_fid']:.1f} at epoch "
