@@ -359,6 +359,7 @@ def part_graph(params, out: Path, steps: int = 520) -> None:
         curves[name] = _losses(step, steps)
         sync()
         fig[name] = {"variant": step.variant, "fallbacks": sorted(set(step.fallbacks)),
+                     "captured": step.step.graph is not None,
                      "seconds": time.perf_counter() - start, "losses": curves[name]}
         say(f"graph: {name:<10} [{step.variant}] {steps} steps in {fig[name]['seconds']:.1f} s"
             + (f"; fell back: {fig[name]['fallbacks']}" if step.fallbacks else ""))

@@ -16,7 +16,7 @@ from ddpm.config import ConfigError, flatten  # noqa: E402
 from ddpm.diffusion import make_schedule  # noqa: E402
 from ddpm.fastpath import denoiser  # noqa: E402
 from ddpm.generate import generate_samples, write_figures  # noqa: E402
-from ddpm.processed import load_processed  # noqa: E402
+from ddpm.processed import ProcessedDataError, load_processed  # noqa: E402
 from ddpm.tracking import Tracker, select  # noqa: E402
 from ddpm.device import resolve_device  # noqa: E402
 
@@ -35,6 +35,8 @@ def main() -> None:
     cfg = params.generate
 
     device = resolve_device(cfg.device)
+    # The real images for the forward strip, read (and checked) before any sampling.
+    real = load_processed(args.data)[0] if args.data.exists() else None
     path = args.best if cfg.checkpoint == "best" else args.model
     payload = checkpoint.load(path, hint="rerun the train stage (dvc repro train)")
     selected = payload.get("selected", {})
@@ -42,7 +44,7 @@ def main() -> None:
         stageutil.log(f"generate.checkpoint is best: {path}, selected by {selected.get('by')}"
                       + (f" (epoch {selected['epoch']}, FID {selected['fid']:.2f} on "
                          f"{selected['samples']} samples)" if "fid" in selected else ""))
-    model, diffusion_cfg, size = checkpoint.load_model(payload, cfg.weights, device)
+    model, diffusion_cfg, size = checkpoint.load_model(payload, cfg.weights, device, path)
     if cfg.sampler == "ddim" and cfg.steps > diffusion_cfg.steps:
         raise ConfigError(f"params.yaml: generate.steps: the model was trained with "
                           f"{diffusion_cfg.steps} diffusion steps; DDIM can take at most that "
@@ -69,7 +71,6 @@ def main() -> None:
                 "weights": cfg.weights, "seed": cfg.seed, "seconds": seconds,
                 "images_per_s": len(samples) / seconds, "device": str(device)})
 
-        real = load_processed(args.data)[0] if args.data.exists() else None
         figures = write_figures(denoise, schedule, cfg, samples, real, args.figures, device)
         tracker.log_metrics({"generate/images_per_s": len(samples) / seconds,
                              "generate/seconds": seconds, "generate/num_samples": len(samples)})
@@ -80,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stageutil.run(main, expected=(CheckpointError,))
+    stageutil.run(main, expected=(CheckpointError, ProcessedDataError))

@@ -9,7 +9,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import stageutil  # noqa: E402
-from ddpm.annotations import read_bboxes  # noqa: E402
+from ddpm.annotations import AnnotationError, read_bboxes  # noqa: E402
 from ddpm.preprocess import PreprocessError, preprocess  # noqa: E402
 
 
@@ -32,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stageutil.run(main, expected=(PreprocessError,))
+    stageutil.run(main, expected=(PreprocessError, AnnotationError))

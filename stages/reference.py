@@ -14,7 +14,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import fid, stageutil  # noqa: E402
-from ddpm.processed import load_processed  # noqa: E402
+from ddpm.processed import ProcessedDataError, load_processed  # noqa: E402
 
 
 def main() -> None:
@@ -34,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stageutil.run(main, expected=(fid.FidWeightsError, fid.FidInputError))
+    stageutil.run(main, expected=(fid.FidWeightsError, fid.FidInputError, ProcessedDataError))

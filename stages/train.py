@@ -1,8 +1,8 @@
 """Stage `train`: DDPM training on data/processed -> models/model.pt, strips, loss reports.
 
-Resumes from models/checkpoints/last.pt when it was made with the same model,
-diffusion, training and data settings (and then continues its MLflow run);
-otherwise says what differs and starts fresh. With train.nproc > 1 it starts
+Resumes from models/checkpoints/last.pt when it was made by the same code, with the
+same model, diffusion, training and data settings (and then continues its MLflow
+run); otherwise says what differs and starts fresh. With train.nproc > 1 it starts
 one worker process per GPU itself (`ddpm.train_stage`).
 """
 
@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import fid, stageutil, train_stage  # noqa: E402
 from ddpm.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
+from ddpm.processed import ProcessedDataError  # noqa: E402
+from ddpm.step import CaptureError  # noqa: E402
 from ddpm.training import NonFiniteLossError  # noqa: E402
 
 
@@ -35,5 +37,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     stageutil.run(main, expected=(NonFiniteLossError, CheckpointError, CheckpointWriteError,
-                                  train_stage.WorkerFailed, fid.FidInputError,
-                                  fid.FidWeightsError))
+                                  CaptureError, ProcessedDataError, train_stage.WorkerFailed,
+                                  fid.FidInputError, fid.FidWeightsError))

@@ -3,7 +3,6 @@ library module that can change its outputs listed in its dvc.yaml deps."""
 
 from __future__ import annotations
 
-import ast
 import copy
 import os
 import subprocess
@@ -13,75 +12,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO, dvc, make_dvc_project
-
-LIBRARY = REPO / "src" / "ddpm"
-
-# Modules a stage imports that cannot change a cached output, and why. Anything else a
-# stage script reaches, directly or through other modules (lazy imports included), must
-# be one of its deps.
-NOT_DEPS = {
-    "src/ddpm/__init__.py": "the package's docstring and version string",
-    "src/ddpm/stageutil.py": "stage plumbing: argument parsing, printing, one-line error exits",
-    "src/ddpm/config.py": "parses and checks params.yaml; the values are DVC params, and every "
-                          "key is in params.yaml (test_params_yaml_sets_every_key), so no "
-                          "default written in config.py reaches a stage",
-    "src/ddpm/atomic.py": "how files are written (temporary name, rename, mode), not what",
-}
-for _part in ("__init__", "store", "tracker", "spool"):  # the tracking package
-    NOT_DEPS[f"src/ddpm/tracking/{_part}.py"] = (
-        "sends to MLflow; the run files it writes hold run ids, which differ on every run anyway")
-
-
-def _module_file(name: str) -> Path | None:
-    """src/ddpm/<name>.py (or a package's __init__) for a dotted `ddpm...` name."""
-    parts = name.split(".")
-    if parts[0] != "ddpm":
-        return None
-    base = REPO / "src" / Path(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(path: Path) -> set[Path]:
-    """The library files `path` imports anywhere in its body (functions included)."""
-    tree = ast.parse(path.read_text(), str(path))
-    package = None  # the package a relative import starts from
-    if path.is_relative_to(LIBRARY):
-        parts = path.relative_to(REPO / "src").with_suffix("").parts
-        package = parts if path.name == "__init__.py" else parts[:-1]
-        package = tuple(p for p in package if p != "__init__")
-    found: set[Path] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: only inside the library
-                anchor = ".".join(package[:len(package) - node.level + 1])
-                base = f"{anchor}.{base}" if base else anchor
-            # `from ddpm import atomic` names a module; `from ddpm.x import y` a name in x
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            file = _module_file(name) if name else None
-            if file is not None:
-                found.add(file)
-    return found
-
-
-def import_closure(script: Path) -> set[str]:
-    """Every library file `script` reaches through imports, as repository-relative paths."""
-    seen: set[Path] = set()
-    todo = [script]
-    while todo:
-        for file in imported_modules(todo.pop()):
-            if file not in seen:
-                seen.add(file)
-                todo.append(file)
-    return {str(p.relative_to(REPO)) for p in seen}
+from ddpm.lineage import import_closure, stage_code
 
 
 def code_deps(stage: dict) -> set[str]:
@@ -92,8 +23,7 @@ def dep_problems(pipeline: dict) -> list[str]:
     """What each stage's deps miss, or list without using, against its script's imports."""
     problems = []
     for name, stage in pipeline["stages"].items():
-        script = f"stages/{name}.py"
-        wanted = {script} | (import_closure(REPO / script) - set(NOT_DEPS))
+        wanted = set(stage_code(REPO / f"stages/{name}.py", REPO))
         listed = code_deps(stage)
         problems += [f"{name}: {dep} is imported but not a dep" for dep in sorted(wanted - listed)]
         problems += [f"{name}: {dep} is a dep but not imported" for dep in sorted(listed - wanted)]

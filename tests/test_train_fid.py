@@ -11,7 +11,7 @@ from conftest import TINY_DIFFUSION, TINY_MODEL, Crash, CrashAt
 from ddpm import checkpoint
 from ddpm.callbacks import Checkpointer
 from ddpm.config import TrainConfig
-from ddpm.train_fid import FidEvaluator, TrainFid, best_of, summary_fields
+from ddpm.train_fid import FidEvaluator, TrainFid, best_file, continue_best, summary_fields
 from ddpm.training import train
 
 MODEL = TINY_MODEL
@@ -42,10 +42,14 @@ class Scripted:
         return {"fid": fid, "kid": fid / 1000, "count_a": 16}
 
 
-def fid_callback(tmp_path, score, every, epochs, scored=None):
-    return TrainFid(score, every, epochs, tmp_path / "train_fid.csv", tmp_path / "best.pt",
-                    {"run": 1}, 16, on_scored=(lambda row, best: scored.append((row, best)))
+def fid_callback(tmp_path, score, every, epochs, scored=None, saver=None):
+    return TrainFid(score, every, epochs, tmp_path / "train_fid.csv", tmp_path, {"run": 1}, 16,
+                    saver=saver, on_scored=(lambda row, best: scored.append((row, best)))
                     if scored is not None else None)
+
+
+def best_files(folder):
+    return sorted(p.name for p in folder.glob("best-epoch*.pt"))
 
 
 @pytest.mark.parametrize("every, epochs, expected", [(2, 5, [2, 4, 5]), (1, 3, [1, 2, 3]),
@@ -56,7 +60,7 @@ def test_the_cadence_includes_the_last_epoch_and_0_is_off(tmp_path, every, epoch
                   callbacks=(fid_callback(tmp_path, score, every, epochs),))
     assert [row["epoch"] for row in state.extra.get("fid", [])] == expected
     assert len(score.seen) == len(expected)
-    assert (tmp_path / "best.pt").exists() == bool(expected)
+    assert bool(best_files(tmp_path)) == bool(expected)
 
 
 def test_the_best_epoch_is_kept_with_its_weights_and_the_csv_holds_every_row(tmp_path):
@@ -64,7 +68,8 @@ def test_the_best_epoch_is_kept_with_its_weights_and_the_csv_holds_every_row(tmp
     score, scored = Scripted(fids), []
     state = train(images(), DIFFUSION, MODEL, cfg(), device=CPU,
                   callbacks=(fid_callback(tmp_path, score, 1, 5, scored),))
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best_files(tmp_path) == ["best-epoch0001.pt", "best-epoch0002.pt"]  # none pruned
+    best = torch.load(best_file(tmp_path, 2), weights_only=True)
     assert best["selected"]["epoch"] == 2 and best["selected"]["fid"] == 61.5
     assert best["epoch"] == 2 and best["step"] == 4
     for key, value in best["ema"].items():
@@ -72,15 +77,16 @@ def test_the_best_epoch_is_kept_with_its_weights_and_the_csv_holds_every_row(tmp
     assert not all(torch.equal(best["ema"][k], v) for k, v in
                    state.ema.model.state_dict().items())  # not the last epoch's
     rows = list(csv.DictReader((tmp_path / "train_fid.csv").open()))
-    assert list(rows[0]) == ["epoch", "step", "seconds", "fid", "kid", "samples"]
+    assert list(rows[0]) == ["epoch", "step", "seconds", "fid", "kid", "samples", "sampler",
+                             "steps", "eta"]
     assert [float(r["fid"]) for r in rows] == fids and [int(r["step"]) for r in rows] == \
         [2, 4, 6, 8, 10]
     seconds = [float(r["seconds"]) for r in rows]
     assert seconds == sorted(seconds) and seconds[0] > 0
     assert [b["epoch"] for _, b in scored] == [1, 2, 2, 2, 2]
-    fields = summary_fields(state.extra["fid"])
+    fields = summary_fields(state.extra)
     assert (fields["best_fid"], fields["best_epoch"], fields["final_fid"]) == (61.5, 2, 90.0)
-    assert best_of([]) is None and summary_fields([])["best_fid"] is None
+    assert summary_fields({})["best_fid"] is None
 
 
 def test_resume_keeps_the_history_and_the_best(tmp_path):
@@ -92,18 +98,28 @@ def test_resume_keeps_the_history_and_the_best(tmp_path):
         train(images(), DIFFUSION, MODEL, cfg(epochs=4), device=CPU,
               callbacks=(fid_callback(tmp_path, first, 1, 4),
                          Checkpointer(ckpt, {}, every=1, epochs=4), CrashAt(2)))
-    best_before = torch.load(tmp_path / "best.pt", weights_only=True)
+    best_before = torch.load(best_file(tmp_path, 2), weights_only=True)
     rest = Scripted(fids[2:])
     state = train(images(), DIFFUSION, MODEL, cfg(epochs=4), device=CPU,
                   resume=checkpoint.load(ckpt), callbacks=(fid_callback(tmp_path, rest, 1, 4),))
     assert [r["epoch"] for r in state.extra["fid"]] == [1, 2, 3, 4]
     assert [r["fid"] for r in state.extra["fid"]] == fids
     assert len(rest.seen) == 2
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert best["selected"]["epoch"] == 2  # epoch 3's 70 and 4's 65 did not beat 50
+    assert state.extra["fid_best"]["epoch"] == 2  # epoch 3's 70 and 4's 65 did not beat 50
+    best = torch.load(best_file(tmp_path, 2), weights_only=True)
     assert all(torch.equal(best["ema"][k], best_before["ema"][k]) for k in best["ema"])
     rows = list(csv.DictReader((tmp_path / "train_fid.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_the_best_is_chosen_only_among_evaluations_with_the_same_settings():
+    old = {"fid": 40.0, "epoch": 2, "sampler": "ddim", "steps": 50, "eta": 0.0, "samples": 100}
+    extra = {"fid": [old], "fid_best": old}
+    same = {"sampler": "ddim", "steps": 50, "eta": 0.0, "samples": 100}
+    assert continue_best(extra, same) is None and extra["fid_best"] is old
+    note = continue_best(extra, {**same, "samples": 1000})
+    assert "samples 100 -> " in note and "samples 1000" in note
+    assert extra["fid_best"] is None and extra["fid"] == [old]  # the row stays in the history
 
 
 class ChannelStats(torch.nn.Module):
@@ -135,10 +151,22 @@ def test_the_evaluator_samples_the_same_noise_every_time_and_scores_with_fid_sco
         return denoiser(m, CPU, "fp32", "off")
 
     evaluate = FidEvaluator(reference, 12, 4, make_schedule(DIFFUSION), 16, seed=5, device=CPU,
-                            fast=fast, network=network)
+                            fast=fast, network=network, feature_batch=5)
     a, b = evaluate(model), evaluate(model)
     assert a == b and a["count_a"] == 12 and np.isfinite(a["fid"]) and a["kid"] is not None
     assert len(wrapped) == 1  # the model is wrapped once
+    assert evaluate.settings == {"sampler": "ddim", "steps": 4, "eta": 0.0, "samples": 12}
+
+    # The same numbers as sampling those images by hand and scoring them with fid.scores.
+    from ddpm.config import GenerateConfig
+    from ddpm.generate import generate_samples
+
+    by_hand = generate_samples(
+        denoiser(model, CPU, "fp32", "off"), make_schedule(DIFFUSION),
+        GenerateConfig(num_samples=12, sampler="ddim", steps=4, eta=0.0, batch_size=7, seed=5,
+                       clip=True, variance="posterior"), 16, CPU)
+    stats = fid.feature_stats(fid.extract_features(by_hand, network, batch_size=12))
+    assert fid.scores(stats, reference, kid_subsets=100, kid_subset_size=12) == a
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)

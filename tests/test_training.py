@@ -188,7 +188,7 @@ def test_a_failed_background_write_is_raised_and_keeps_the_previous_checkpoint(t
     saver.save(path, {"epoch": 1})
     saver.wait()
     saver.save(path, {"epoch": 2, "bad": lambda: None})  # torch.save cannot pickle a lambda
-    with pytest.raises(checkpoint.CheckpointWriteError, match="previous checkpoint was left"):
+    with pytest.raises(checkpoint.CheckpointWriteError, match="previous file was left"):
         saver.wait()
     assert checkpoint.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left

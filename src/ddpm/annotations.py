@@ -16,6 +16,10 @@ import numpy as np
 
 Box = tuple[int, int, int, int]
 
+
+class AnnotationError(ValueError):
+    """A devkit annotation file that cannot be read; the message names it."""
+
 _BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 
 
@@ -52,12 +56,19 @@ def _image_folder(raw_root: Path, name: str) -> Path | None:
 def _read_annotations(mat_path: Path) -> list[tuple[str, Box]]:
     from scipy.io import loadmat
 
-    annotations = loadmat(mat_path)["annotations"].ravel()
-    rows = []
-    for record in annotations:
-        # Each field is a 1×1 array (uint8 or uint16 in the real devkit): take
-        # Python ints before subtracting, so a uint8 never wraps around.
-        x1, y1, x2, y2 = (int(np.asarray(record[f]).item()) for f in _BOX_FIELDS)
-        fname = str(np.asarray(record["fname"]).item())
-        rows.append((fname, (x1 - 1, y1 - 1, x2, y2)))
+    try:
+        annotations = loadmat(mat_path)["annotations"].ravel()
+        rows = []
+        for record in annotations:
+            # Each field is a 1×1 array (uint8 or uint16 in the real devkit): take
+            # Python ints before subtracting, so a uint8 never wraps around.
+            x1, y1, x2, y2 = (int(np.asarray(record[f]).item()) for f in _BOX_FIELDS)
+            fname = str(np.asarray(record["fname"]).item())
+            rows.append((fname, (x1 - 1, y1 - 1, x2, y2)))
+    except Exception as err:  # noqa: BLE001 - truncated, not a .mat, other fields
+        detail = " ".join(str(err).split())[:160]
+        raise AnnotationError(
+            f"{mat_path} is not a readable devkit annotation file ({type(err).__name__}: "
+            f"{detail}); download the data again (delete data/raw, dvc repro download) or "
+            f"set preprocess.resize to squash or center_crop, which need no boxes") from None
     return rows

@@ -9,6 +9,7 @@ folders under a 022 umask), not mkstemp's private 0600.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -52,14 +53,30 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
 
 
 def remove_stale_temps(dest: str | Path) -> list[Path]:
-    """Delete what a killed writer left beside `dest` (`atomic_path`'s temporary files,
-    which a SIGKILL skips cleaning up: a checkpoint's can be most of a gigabyte, and
-    DVC would store it with a persisted folder). Only while nothing writes `dest`."""
+    """Delete what a killed writer left beside `dest` (`atomic_path`'s temporary files and
+    `atomic_directory`'s temporary folders, which a SIGKILL skips cleaning up: a
+    checkpoint's can be most of a gigabyte, and DVC would store it with a persisted
+    folder). Only while nothing writes `dest`."""
     dest = Path(dest)
-    stale = sorted(dest.parent.glob(f".{dest.name}.*.tmp")) if dest.parent.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    if not dest.parent.is_dir():
+        return []
+    return _remove(sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp")))
+
+
+def remove_stale_temps_in(folder: str | Path) -> list[Path]:
+    """`remove_stale_temps` for every output inside `folder` (one that only this writer
+    fills, such as the checkpoints folder)."""
+    folder = Path(folder)
+    return _remove(sorted(folder.glob(".*.tmp"))) if folder.is_dir() else []
+
+
+def _remove(paths: list[Path]) -> list[Path]:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return paths
 
 
 def write_bytes(dest: str | Path, data: bytes) -> None:

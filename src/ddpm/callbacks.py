@@ -138,16 +138,25 @@ class Strips(AtCadence):
 
 class Checkpointer(AtCadence):
     """The full training state every `every` epochs and after the last one, written in
-    the background (`checkpoint.BackgroundSaver`); `close()` waits for the last write."""
+    the background (`checkpoint.BackgroundSaver`); `close()` waits for the last write.
+
+    `saver` may be shared with other writers (the best weights): one write at a time, in
+    call order, so what a checkpoint names was written before it. `after(state)` gives
+    the work to do once this checkpoint is on disk (run in the writer thread), e.g.
+    deleting files no checkpoint names any more."""
 
     def __init__(self, path: Path, run_config: dict[str, Any], every: int, epochs: int,
-                 extra: Optional[dict[str, Any]] = None):
+                 extra: Optional[dict[str, Any]] = None,
+                 saver: Optional[checkpoint.BackgroundSaver] = None,
+                 after: Optional[Callable[[TrainState], Callable[[], None]]] = None):
         self.path, self.run_config, self.every, self.epochs = path, run_config, every, epochs
-        self.extra = extra or {}  # e.g. the tracking run id, so a resume continues that run
-        self.saver = checkpoint.BackgroundSaver()
+        self.extra = extra or {}  # e.g. the tracking run id and the code digest
+        self.saver = saver or checkpoint.BackgroundSaver()
+        self.after = after
 
     def run(self, state: TrainState, summary: EpochSummary) -> None:
-        self.saver.save(self.path, {"run": self.run_config, **self.extra, **state.state_dict()})
+        self.saver.save(self.path, {"run": self.run_config, **self.extra, **state.state_dict()},
+                        then=self.after(state) if self.after is not None else None)
 
     def close(self) -> None:
         self.saver.wait()

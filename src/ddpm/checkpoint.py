@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -27,12 +27,50 @@ class CheckpointError(ValueError):
         self.reason = reason
 
 
-def save(path: str | Path, payload: dict[str, Any]) -> None:
-    atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
-
-
 class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint in the background failed (the previous file is intact)."""
+    """Writing a checkpoint failed; the previous file at its path is intact."""
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """torch.save, atomically. A failed write leaves the previous file and no temporary
+    one, and raises CheckpointWriteError saying why (a full disk in so many words: torch
+    reports it as `[enforce fail at inline_container.cc] unexpected pos`)."""
+    try:
+        atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
+    except Exception as err:  # noqa: BLE001 - a full disk, a bad path, an unpicklable value
+        raise CheckpointWriteError(_write_failure(Path(path), payload, err)) from err
+
+
+def payload_bytes(payload: Any) -> int:
+    """The bytes of the tensors in a payload: about the size of its file."""
+    if torch.is_tensor(payload):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(payload_bytes(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(payload_bytes(v) for v in payload)
+    return 0
+
+
+def _write_failure(path: Path, payload: dict[str, Any], err: BaseException) -> str:
+    import errno
+    import shutil
+
+    kept = "the previous file was left as it was" if path.exists() else "nothing was written"
+    needed = payload_bytes(payload)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < needed)
+    if full:
+        shown = "unknown" if free is None else f"{free / 2**20:,.0f} MiB"
+        return (f"writing {path} failed: the disk is full ({shown} free in {path.parent}, the "
+                f"file needs about {needed / 2**20:,.0f} MiB); {kept}. Free disk space, then "
+                f"rerun")
+    detail = " ".join(str(err).split())[:200]
+    return (f"writing {path} failed ({type(err).__name__}: {detail}); {kept}. Free disk "
+            f"space or fix the path, then rerun")
 
 
 class BackgroundSaver:
@@ -51,13 +89,16 @@ class BackgroundSaver:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
-    def save(self, path: str | Path, payload: dict[str, Any]) -> None:
+    def save(self, path: str | Path, payload: dict[str, Any],
+             then: Optional[Callable[[], None]] = None) -> None:
+        """Write `payload` to `path` in the background; `then()` runs in the writer thread
+        once the file is in place (not if the write failed)."""
         self.wait()
         devices: set[torch.device] = set()
         snapshot = self._copy(payload, (), devices)
         for device in devices:  # the non-blocking copies to pinned memory have landed
             torch.cuda.synchronize(device)
-        self._thread = threading.Thread(target=self._write, args=(Path(path), snapshot),
+        self._thread = threading.Thread(target=self._write, args=(Path(path), snapshot, then),
                                         name="checkpoint-writer")
         self._thread.start()
 
@@ -68,13 +109,18 @@ class BackgroundSaver:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, CheckpointWriteError):
+                raise CheckpointWriteError(str(err)) from err
             raise CheckpointWriteError(f"writing a checkpoint failed ({type(err).__name__}: "
                                        f"{err}); the previous checkpoint was left as it was. "
                                        f"Free disk space or fix the path, then rerun") from err
 
-    def _write(self, path: Path, snapshot: dict[str, Any]) -> None:
+    def _write(self, path: Path, snapshot: dict[str, Any],
+               then: Optional[Callable[[], None]]) -> None:
         try:
             save(path, snapshot)
+            if then is not None:
+                then()
         except BaseException as err:  # noqa: BLE001 - re-raised by wait() in the caller's thread
             self._error = err
 
@@ -107,9 +153,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu",
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - torch.load fails in many ways
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
-                              f"{detail})", hint) from None
+        text = str(err)
+        if "WeightsUnpickler error:" in text:  # not torch's advice to load it unsafely
+            detail = "it holds data weights_only loading refuses: " + " ".join(
+                text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+                .split())
+        else:
+            detail = f"{type(err).__name__}: " + " ".join(text.split())[:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({detail[:200]})",
+                              hint) from None
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -137,12 +189,24 @@ def model_config(saved: dict[str, Any]) -> ModelConfig:
 
 
 def load_model(payload: dict[str, Any], weights: str = "ema",
-               device: torch.device | str = "cpu") -> tuple[UNet, DiffusionConfig, int]:
-    """Rebuild the U-Net from a models/model.pt payload: (model, diffusion config, image size)."""
+               device: torch.device | str = "cpu",
+               source: str | Path = "the checkpoint") -> tuple[UNet, DiffusionConfig, int]:
+    """Rebuild the U-Net from a models/model.pt payload: (model, diffusion config, image size).
+    A payload of another kind is a CheckpointError naming `source`."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    cfg = payload["config"]
-    model = UNet(model_config(cfg["model"]))
-    model.load_state_dict(payload["ema" if weights == "ema" else "model"])
+    key = "ema" if weights == "ema" else "model"
+    try:
+        cfg = payload["config"]
+        model = UNet(model_config(cfg["model"]))
+        model.load_state_dict(payload[key])
+        diffusion = DiffusionConfig(**cfg["diffusion"])
+        size = int(cfg["image_size"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:160]
+        raise CheckpointError(f"{source} is not a model written by the train stage (no "
+                              f"usable 'config' and '{key}' weights: {type(err).__name__}: "
+                              f"{detail})", "give models/model.pt or models/best.pt, or "
+                              "rerun the train stage (dvc repro train)") from None
     model.to(device).eval().requires_grad_(False)
-    return model, DiffusionConfig(**cfg["diffusion"]), int(cfg["image_size"])
+    return model, diffusion, size

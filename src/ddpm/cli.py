@@ -16,6 +16,16 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_params
+from .stageutil import OneLineParser
+
+
+def at_least(minimum: int, args: argparse.Namespace, *names: str) -> None:
+    """A usage error, in one line, for an option below `minimum`."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}, "
+                              f"got {value}")
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -45,8 +55,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .images import save_png
     from .device import resolve_device
 
+    at_least(1, args, "n", "batch_size", "steps")
+    if args.eta < 0:
+        raise ConfigError(f"--eta must be at least 0, got {args.eta}")
     device = resolve_device(args.device)
-    model, diffusion_cfg, size = load_model(load(args.model), args.weights, device)
+    model, diffusion_cfg, size = load_model(load(args.model), args.weights, device, args.model)
     steps = args.steps or diffusion_cfg.steps
     cfg = GenerateConfig(num_samples=args.n, sampler=args.sampler, steps=steps, eta=args.eta,
                          batch_size=args.batch_size, seed=args.seed, weights=args.weights)
@@ -66,6 +79,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_fid(args: argparse.Namespace) -> None:
     from . import fid
 
+    at_least(1, args, "batch_size", "kid_subsets")
+    at_least(2, args, "kid_subset_size")
     result = fid.compare(args.a, args.b, device=args.device, kid=not args.no_kid,
                          batch_size=args.batch_size, kid_subsets=args.kid_subsets,
                          kid_subset_size=args.kid_subset_size)
@@ -120,9 +135,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="ddpm", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("summary", help="model parameter count and forward GFLOP")
     p.add_argument("--params", default="params.yaml")
@@ -154,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("tracking", help="MLflow helpers: `ddpm tracking replay [FILE ...]`")
-    tracking = p.add_subparsers(dest="tracking_command", required=True)
+    tracking = p.add_subparsers(dest="tracking_command", required=True,
+                                parser_class=OneLineParser)
     p = tracking.add_parser("replay", help="send calls spooled while the tracking server was "
                                            "down to the store")
     p.add_argument("files", nargs="*", help="spool files (default: all in "
@@ -186,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors whose message says what is wrong and how to fix it: shown as one line, no
 # traceback. Named, not imported, so that `ddpm --help` loads neither torch nor mlflow.
 USER_ERRORS = ("ddpm.config.ConfigError", "ddpm.fid.FidInputError", "ddpm.fid.FidWeightsError",
-               "ddpm.checkpoint.CheckpointError", "ddpm.tracking.TrackingError")
+               "ddpm.checkpoint.CheckpointError", "ddpm.checkpoint.CheckpointWriteError",
+               "ddpm.tracking.TrackingError")
 
 
 def _is_user_error(err: BaseException) -> bool:

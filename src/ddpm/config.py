@@ -27,8 +27,11 @@ def _fail(key: str, message: str) -> typing.NoReturn:
 
 
 def _check_device(key: str, device: str) -> None:
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        _fail(key, f"allowed: auto, cpu, cuda, cuda:N; got {device!r}")
+    index = device.removeprefix("cuda:")
+    if not (device in ("auto", "cpu", "cuda")
+            or (device.startswith("cuda:") and index.isdigit() and index.isascii())):
+        _fail(key, f"allowed: auto, cpu, cuda, cuda:N (N a GPU index: 0, 1, ...); "
+              f"got {device!r}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,10 @@ class TrainConfig:
             _fail(f"{key}.fid_steps", f"must be >= 1, got {self.fid_steps}")
         if self.grad_clip < 0:
             _fail(f"{key}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.nproc > 1 and self.device.startswith("cuda:"):
+            _fail(f"{key}.device", f"{self.device!r} names one GPU, but train.nproc is "
+                  f"{self.nproc} (one process per GPU, GPUs 0 to {self.nproc - 1}); set "
+                  f"train.device: cuda (or auto), or train.nproc: 1")
         if self.cuda_graph == "on" and self.compile_mode in ("reduce-overhead", "max-autotune"):
             _fail(f"{key}.cuda_graph", f"'on' captures the whole step in one CUDA graph, so "
                   f"torch.compile must not make graphs of its own: set train.compile_mode to "
@@ -225,9 +232,12 @@ class EvaluateConfig:
     device: str = "auto"
 
     def check(self, key: str) -> None:
-        for name in ("kid_subsets", "kid_subset_size", "batch_size"):
+        for name in ("kid_subsets", "batch_size"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.kid_subset_size < 2:
+            _fail(f"{key}.kid_subset_size", f"must be >= 2 (KID's unbiased estimate needs two "
+                  f"images per set), got {self.kid_subset_size}")
         _check_device(f"{key}.device", self.device)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +17,16 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (`prog: error: ...`) and exit status 2,
+    instead of the usage text followed by the error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = OneLineParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     return p
 

@@ -15,7 +15,8 @@ reads the sums at its logging cadence.
 On a CPU, and on CUDA with `train.cuda_graph: off`, the same code runs eagerly.
 With capture on, the first GRAPH_WARMUP_STEPS steps run eagerly on a side stream
 (compiling, allocating), the next is captured and every step from then on is a
-replay; if capture fails, the step warns once and stays eager.
+replay; if capture fails, training stops with `CaptureError` (one line, naming
+the cause and `train.cuda_graph: off`).
 """
 
 from __future__ import annotations
@@ -54,13 +55,6 @@ class EMA:
     def decay_at(self, n: int) -> float:
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One update from `model` (outside the training step, e.g. in tests)."""
-        weight = torch.tensor(1 - self.decay_at(self.updates), device=_device_of(model))
-        lerp_(list(self.model.parameters()), list(model.parameters()), weight)
-        self.updates += 1
-
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "updates": self.updates}
 
@@ -74,10 +68,6 @@ def lerp_(ema: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Ten
     broadcasts it without the host read a Scalar weight would need (and rounds as the
     Scalar overload does)."""
     torch._foreach_lerp_(ema, params, [weight] * len(ema))
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @dataclass
@@ -108,10 +98,14 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        lr = self.optimizer.param_groups[0]["lr"]  # our 0-d tensor: keep it, not the saved one
+        # Optimizer.load_state_dict takes every setting of the saved param groups, not only
+        # Adam's moments: the LR (ours is a 0-d device tensor the step writes) and the
+        # implementation flags of the device that saved it. This device's are kept.
+        live = {key: self.optimizer.param_groups[0][key] for key in ("lr", *ADAM_FLAGS)
+                if key in self.optimizer.param_groups[0]}
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group.update(live)
         _match_layouts(self.optimizer)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
@@ -124,22 +118,37 @@ class TrainState:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.noise_gen.device)
 
 
+ADAM_FLAGS = ("fused", "capturable", "foreach")  # which implementation of Adam runs
+
+
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Give loaded optimizer state its parameter's memory format and device: a checkpoint
     written with another train.channels_last would otherwise pair mismatched layouts in
-    fused Adam, and capturable Adam keeps its step counts on the parameter's device."""
+    fused Adam. The step counts go where this device's Adam keeps them: on the
+    parameter's device for fused or capturable Adam, a CPU float32 scalar otherwise (torch
+    placed them by the saved flags)."""
+    group = optimizer.param_groups[0]
+    on_device = bool(group.get("fused") or group.get("capturable"))
     for param, state in optimizer.state.items():
         for key, value in state.items():
             if not torch.is_tensor(value):
                 continue
-            if value.shape == param.shape and value.stride() != param.stride():
+            if key == "step":
+                state[key] = value.to(device=param.device if on_device else "cpu",
+                                      dtype=torch.float32)
+            elif value.shape == param.shape and value.stride() != param.stride():
                 state[key] = torch.empty_like(param).copy_(value)
-            elif value.device != param.device and _capturable(optimizer):
+            elif value.device != param.device:
                 state[key] = value.to(param.device)
 
 
-def _capturable(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(optimizer.defaults.get("capturable"))
+def adam_variant(optimizer: torch.optim.Optimizer) -> str:
+    """The Adam that runs, as its param groups say (`optimizer.defaults` only says how it
+    was built)."""
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        return "fused capturable Adam" if group.get("capturable") else "fused Adam"
+    return "capturable Adam" if group.get("capturable") else "Adam"
 
 
 def build_state(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> TrainState:
@@ -250,15 +259,13 @@ class TrainStep:
         """What actually runs, after any fallback: precision, layout, compile, graph, Adam."""
         compiled = getattr(self.forward, "compiled", None) is not None
         mode = getattr(self.forward, "mode", "default")
-        fused = bool(self.state.optimizer.defaults.get("fused"))
         parts = ["bf16 autocast" if isinstance(self.autocast, torch.autocast) else "fp32",
                  "channels_last" if self.channels_last else "contiguous",
                  ("torch.compile" + ("" if mode == "default" else f" ({mode})"))
                  if compiled else "eager"]
         if self.graph is not None:
             parts.append("whole-step CUDA graph")
-        parts.append(("fused capturable Adam" if _capturable(self.state.optimizer)
-                      else "fused Adam") if fused else "Adam")
+        parts.append(adam_variant(self.state.optimizer))
         return ", ".join(parts)
 
     # --- the step itself ---------------------------------------------------------
@@ -306,24 +313,28 @@ class TrainStep:
         current.wait_stream(self._side)
 
     def _capture(self) -> None:
-        """Record this step's kernels in one graph and replay it; on failure warn once and
-        run eagerly from here on (nothing ran during the failed capture)."""
+        """Record this step's kernels in one graph and replay it. A failed capture stops
+        training: an exception inside `torch.cuda.graph` can leave the registered generator
+        or the caching allocator mid-capture, so carrying on uncaptured could train on a
+        broken state."""
         self.capture_pending = False
-        graph = torch.cuda.CUDAGraph()
         try:
+            graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.state.noise_gen)
             self.state.optimizer.zero_grad(set_to_none=True)
             with torch.cuda.graph(graph):
                 self.body()
         except Exception as err:  # noqa: BLE001 - capture fails in many ways
-            warnings.warn(f"train.cuda_graph: capturing the training step failed "
-                          f"({type(err).__name__}: {str(err)[:200]}); running it uncaptured",
-                          stacklevel=3)
-            torch.cuda.synchronize(self.device)
-            self.body()
-            return
+            detail = " ".join(str(err).split())[:200]
+            raise CaptureError(f"train.cuda_graph: on: capturing the training step in a CUDA "
+                               f"graph failed ({type(err).__name__}: {detail}); set "
+                               f"train.cuda_graph: off to train uncaptured") from None
         self.graph = graph
         graph.replay()
+
+
+class CaptureError(RuntimeError):
+    """Capturing the training step failed; training stops rather than go on uncaptured."""
 
 
 def want_cuda_graph(cfg: TrainConfig, device: torch.device, ranks: int) -> bool:

@@ -1,19 +1,22 @@
 """The train stage's work, behind one call (`run`) that `stages/train.py` makes.
 
-    check the inputs -> [train.nproc > 1: start that many workers, each re-running
-    the stage] -> join the process group -> rank 0 tidies the outputs and reads the
-    checkpoint -> resume it, or start fresh -> `training.train` with rank 0's
-    callbacks (progress, loss CSV, strips, in-training FID, checkpoints, tracking)
+    check the inputs and devices -> [train.nproc > 1: start that many workers, each
+    re-running the stage] -> join the process group -> rank 0 tidies the outputs and
+    reads the checkpoint -> resume it, or start fresh -> `training.train` with rank
+    0's callbacks (progress, loss CSV, strips, in-training FID, checkpoints, tracking)
     -> rank 0 writes models/model.pt, models/best.pt and the reports.
 
-A checkpoint is resumed only when it was made with the same model, diffusion,
-result-affecting training settings and data (`training.run_config`); then its
-MLflow run continues. One that cannot be read is moved aside, with a message,
-and training starts from scratch.
+A checkpoint is resumed only when it was made by the same code (`lineage.code_digest`
+of this stage's import closure), with the same model, diffusion, result-affecting
+training settings and data (`training.run_config`), and the best weights it names are
+on disk; then its MLflow run continues. Otherwise the stage says what differs (the
+files, the settings) and trains from scratch. One that cannot be read is moved aside,
+with a message.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -25,17 +28,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import atomic, checkpoint, distributed, fid, stageutil
+from . import atomic, checkpoint, distributed, fid, lineage, stageutil
 from .callbacks import (Checkpointer, EpochLog, LossCsv, Progress, Strips, TrackMetrics,
                         write_loss_csv)
 from .config import ConfigError, Params, flatten
+from .device import check_processes, resolve_device
 from .diffusion import make_schedule
 from .fastpath import denoiser, strip_denoiser
 from .processed import load_processed
 from .tracking import ParamConflictError, Tracker, run_tags, select
-from .train_fid import (FidEvaluator, TrainFid, best_weights, check_reference, summary_fields,
-                        write_fid_csv)
-from .training import final_weights, run_config, steps_per_epoch, train
+from .train_fid import (FidEvaluator, TrainFid, best_weights, check_reference, continue_best,
+                        named_best, prune_best, summary_fields, write_fid_csv)
+from .training import EpochSummary, final_weights, run_config, steps_per_epoch, train
 from .unet import UNet, count_parameters
 
 TRAIN_SECTIONS = ("data", "preprocess", "diffusion", "model", "train")
@@ -65,33 +69,47 @@ def run(params: Params, paths: TrainPaths, *, script: str | Path, argv: list[str
     """The whole stage. With train.nproc > 1 (and not already a worker of torchrun or of
     this launcher) it starts that many workers running `script argv` and waits."""
     stageutil.die_with_launcher()
-    images, manifest = load_inputs(params, paths)  # before any worker starts
+    inputs = load_inputs(params, paths)  # before any worker starts
+    code = lineage.code_digest(Path(script))
     if params.train.nproc > 1 and not distributed.is_worker():
         launch(params.train.nproc, script, argv)
         return
     rank, device = distributed.init(params.train.device)
     try:
-        _train_process(params, paths, images, manifest, rank, device)
+        _train_process(params, paths, inputs, code, rank, device)
     finally:
         distributed.close()
 
 
-def load_inputs(params: Params, paths: TrainPaths) -> tuple[np.ndarray, dict[str, Any]]:
-    """The processed images and their manifest, after every check that needs no training:
-    shapes, the process split, and for the in-training FID the reference and the network."""
+@dataclass(frozen=True)
+class Inputs:
+    images: np.ndarray  # uint8 N x 3 x S x S
+    manifest: dict[str, Any]
+    reference: dict[str, Any]  # the reference statistics ({} without in-training FID)
+
+
+def load_inputs(params: Params, paths: TrainPaths) -> Inputs:
+    """The processed images, their manifest and the reference statistics, after every check
+    that needs no training: the devices, shapes, the process split, and for the
+    in-training FID the reference and the network."""
+    cfg = params.train
+    resolve_device(cfg.device)
+    check_processes(cfg.device, cfg.nproc)
     images, manifest = load_processed(paths.data)
     size, factor = images.shape[-1], params.model.downsample_factor
     if size % factor:
         raise ConfigError(f"{paths.data} holds {size}x{size} images but the U-Net needs a "
                           f"multiple of {factor}; rerun preprocess or change model.channels")
-    batch, ranks = min(params.train.batch_size, len(images)), params.train.nproc
+    batch, ranks = min(cfg.batch_size, len(images)), cfg.nproc
     if batch % ranks:
         raise ConfigError(f"params.yaml: train.batch_size ({batch}) must divide evenly over "
                           f"train.nproc ({ranks}) processes")
-    if params.train.fid_every:
-        check_reference(fid.load_stats(paths.reference), manifest["sha256"], paths.reference)
+    reference: dict[str, Any] = {}
+    if cfg.fid_every:
+        reference = fid.load_stats(paths.reference)
+        check_reference(reference, manifest["sha256"], paths.reference)
         fid.verified_weights()
-    return images, manifest
+    return Inputs(images, manifest, reference)
 
 
 # ---------------------------------------------------------------- the launcher
@@ -140,12 +158,15 @@ def launch(nproc: int, script: str | Path, argv: list[str]) -> None:
 # ---------------------------------------------------------------- one process
 
 
-def _train_process(params: Params, paths: TrainPaths, images: np.ndarray,
-                   manifest: dict[str, Any], rank: int, device: torch.device) -> None:
+def _train_process(params: Params, paths: TrainPaths, inputs: Inputs, code: dict[str, str],
+                   rank: int, device: torch.device) -> None:
     cfg = params.train
+    images, manifest = inputs.images, inputs.manifest
     # Under several processes the others only compute; rank 0 logs, tracks and writes.
     log = stageutil.log if rank == 0 else (lambda message: None)
     run_cfg = run_config(params.diffusion, params.model, cfg, manifest["sha256"])
+    size = images.shape[-1]
+    evaluator = fid_evaluator(params, inputs.reference, size, device)
     saved = None
     if rank == 0:
         prepare_outputs(paths, log)
@@ -153,13 +174,10 @@ def _train_process(params: Params, paths: TrainPaths, images: np.ndarray,
     distributed.barrier()  # the others read the checkpoint rank 0 kept
     if rank != 0 and paths.checkpoint.exists():
         saved = checkpoint.load(paths.checkpoint)
-    resume = saved if saved is not None and resumable(saved, run_cfg, paths.checkpoint, log) \
+    resume = saved if saved is not None and resumable(saved, run_cfg, code, paths, log) \
         else None
-    if resume is None and rank == 0:  # strips and best weights of another run
-        shutil.rmtree(paths.strips, ignore_errors=True)
-        paths.strips.mkdir(parents=True)
-        paths.best.unlink(missing_ok=True)
-    size = images.shape[-1]
+    if rank == 0:
+        start_outputs(paths, resume, evaluator.settings, log)
     n_params = count_parameters(UNet(params.model))
     log(f"training {n_params:,} parameters on {len(images)} images of {size}x{size}, "
         f"{cfg.epochs} epochs, device {device}" + (f", {cfg.nproc} processes" if cfg.nproc > 1
@@ -178,21 +196,50 @@ def _train_process(params: Params, paths: TrainPaths, images: np.ndarray,
             log(f"warning: {err}; the run keeps its first values")
         if rank == 0:
             tracker.write_run_file(paths.run_file)
-        callbacks = rank0_callbacks(params, paths, run_cfg, len(images), size, device, resume,
-                                    tracker, log) if rank == 0 else ()
+        rank0 = Rank0(params, paths, run_cfg, code, len(images), size, device, resume,
+                      evaluator, tracker, log) if rank == 0 else None
         state = train(torch.from_numpy(images), params.diffusion, params.model, cfg,
-                      device=device, resume=resume, callbacks=callbacks)
-        if rank == 0:
+                      device=device, resume=resume,
+                      callbacks=rank0.callbacks if rank0 is not None else ())
+        if rank0 is not None:
+            rank0.finish(state)
             write_outputs(state, paths, run_cfg, size, n_params, len(images), device, tracker)
             log(f"model written to {paths.model}; strips in {paths.strips}")
 
 
 def prepare_outputs(paths: TrainPaths, log: Callable[[str], None]) -> None:
     """What a killed run left, and outputs DVC expects even when empty."""
-    for path in (paths.checkpoint, paths.model):
-        for stale in atomic.remove_stale_temps(path):
-            log(f"removed {stale}, left by an interrupted write")
+    stale = atomic.remove_stale_temps_in(paths.checkpoints) + atomic.remove_stale_temps_in(
+        paths.strips)
+    for path in (paths.model, paths.best, paths.fid_csv, paths.reports / "train.json",
+                 paths.reports / "train_loss.csv", paths.run_file):
+        stale += atomic.remove_stale_temps(path)
+    for path in stale:
+        log(f"removed {path}, left by an interrupted write")
     paths.strips.mkdir(parents=True, exist_ok=True)  # declared even with train.strip_every: 0
+
+
+def start_outputs(paths: TrainPaths, resume: Optional[dict[str, Any]],
+                  fid_settings: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Bring the outputs in line with the state training starts from. From scratch: no
+    strips, best weights or FID history of another run. On resume: the best-weights file
+    the checkpoint names is the only one kept (a later one was written after it, by the
+    run that was killed) and train_fid.csv is its history. models/best.pt is published
+    from the named file when the stage ends."""
+    paths.best.unlink(missing_ok=True)
+    if resume is None:
+        shutil.rmtree(paths.strips, ignore_errors=True)
+        paths.strips.mkdir(parents=True)
+        prune_best(paths.checkpoints, None)
+        paths.fid_csv.unlink(missing_ok=True)
+        return
+    extra = resume.setdefault("extra", {})
+    dropped = continue_best(extra, fid_settings)
+    if dropped:
+        log(f"note: {dropped}")
+    for path in prune_best(paths.checkpoints, named_best(extra, paths.checkpoints)):
+        log(f"removed {path}: not the best weights of the run being resumed")
+    write_fid_csv(paths.fid_csv, extra.get("fid", []))
 
 
 def read_checkpoint(path: Path, log: Callable[[str], None]) -> Optional[dict[str, Any]]:
@@ -210,70 +257,99 @@ def read_checkpoint(path: Path, log: Callable[[str], None]) -> Optional[dict[str
         return None
 
 
-def resumable(saved: dict[str, Any], run_cfg: dict[str, Any], path: Path,
-              log: Callable[[str], None]) -> bool:
-    diffs = checkpoint.differences(saved.get("run", {}), run_cfg)
-    if diffs:
-        if "attention_norm" not in saved.get("run", {}).get("model", {"attention_norm": 0}):
-            diffs.append("it predates model.attention_norm (its model normalised the "
-                         "attention input)")
-        log(f"not resuming from {path}: it was made with other settings ("
-            + "; ".join(diffs) + "); training from scratch")
+def resumable(saved: dict[str, Any], run_cfg: dict[str, Any], code: dict[str, str],
+              paths: TrainPaths, log: Callable[[str], None]) -> bool:
+    """Whether `saved` can be continued exactly by this code, settings and data."""
+    reasons = []
+    if "code" not in saved:
+        reasons.append("it does not name the code that made it (written before checkpoints "
+                       "did)")
+    else:
+        changed = lineage.code_differences(saved["code"], code)
+        if changed:
+            reasons.append("it was made by other code (" + ", ".join(changed) + ")")
+    settings = checkpoint.differences(saved.get("run", {}), run_cfg)
+    if settings:
+        reasons.append("it was made with other settings (" + "; ".join(settings) + ")")
+    best = named_best(saved.get("extra", {}), paths.checkpoints)
+    if not reasons and best is not None and not best.exists():
+        reasons.append(f"the best weights it names, {best}, are missing")
+    if reasons:
+        log(f"not resuming from {paths.checkpoint}: " + "; ".join(reasons)
+            + "; training from scratch")
         return False
-    log(f"resuming from {path} at epoch {saved['epoch']} (step {saved['step']})")
+    log(f"resuming from {paths.checkpoint} at epoch {saved['epoch']} (step {saved['step']})")
     return True
 
 
-def rank0_callbacks(params: Params, paths: TrainPaths, run_cfg: dict[str, Any],
-                    n_images: int, size: int, device: torch.device,
-                    resume: Optional[dict[str, Any]], tracker: Tracker,
-                    log: Callable[[str], None]) -> tuple:
+def fid_evaluator(params: Params, reference: dict[str, Any], size: int,
+                  device: torch.device) -> FidEvaluator:
     cfg = params.train
-    epoch_steps = steps_per_epoch(n_images, cfg.batch_size)
-    schedule = make_schedule(params.diffusion).to(device)
+    return FidEvaluator(reference, cfg.fid_samples, cfg.fid_steps,
+                        make_schedule(params.diffusion).to(device), size, cfg.seed, device,
+                        fast=lambda model: denoiser(model, device, cfg.precision, cfg.compile,
+                                                    cfg.compile_mode, cfg.channels_last),
+                        feature_batch=params.evaluate.batch_size)
 
-    def scored(row: dict[str, Any], best: dict[str, Any]) -> None:
-        tracker.log_metrics({"train/fid": row["fid"], "train/kid": row["kid"],
-                             "train/seconds": row["seconds"], "train/best_fid": best["fid"],
-                             "train/best_epoch": best["epoch"],
-                             "train/fid_eval_seconds": row["eval_seconds"]}, step=row["step"])
-        log(f"epoch {row['epoch']}: FID {row['fid']:.2f}, KID {row['kid']:.4f} on "
-            f"{row['samples']} DDIM-{min(cfg.fid_steps, schedule.T)} samples ({row['eval_seconds']:.1f} s); "
-            f"best FID {best['fid']:.2f} at epoch {best['epoch']}")
 
-    evaluate = FidEvaluator(fid.load_stats(paths.reference) if cfg.fid_every else {},
-                            cfg.fid_samples, cfg.fid_steps, schedule, size, cfg.seed, device,
-                            fast=lambda model: denoiser(model, device, cfg.precision,
-                                                        cfg.compile, cfg.compile_mode,
-                                                        cfg.channels_last))
-    return (
-        Progress(cfg.epochs, epoch_steps, resume["step"] if resume else 0),
-        LossCsv(paths.reports / "train_loss.csv"),
-        Strips(paths.strips, schedule, size, cfg.seed, cfg.strip_every, cfg.epochs, device,
-               on_saved=lambda path, epoch: tracker.log_image(path, "reverse_strip", epoch),
-               fast=lambda model: strip_denoiser(model, device, cfg)),
-        TrainFid(evaluate, cfg.fid_every, cfg.epochs, paths.fid_csv, paths.best, run_cfg, size,
-                 on_scored=scored),
-        Checkpointer(paths.checkpoint, run_cfg, cfg.checkpoint_every, cfg.epochs,
-                     extra={"mlflow_run_id": tracker.run_id}),
-        TrackMetrics(tracker),
-        EpochLog(log),
-    )
+class Rank0:
+    """Rank 0's side of training: the callbacks, and the end of the run."""
+
+    def __init__(self, params: Params, paths: TrainPaths, run_cfg: dict[str, Any],
+                 code: dict[str, str], n_images: int, size: int, device: torch.device,
+                 resume: Optional[dict[str, Any]], evaluator: FidEvaluator, tracker: Tracker,
+                 log: Callable[[str], None]):
+        cfg = params.train
+        epoch_steps = steps_per_epoch(n_images, cfg.batch_size)
+        schedule = evaluator.schedule
+
+        def scored(row: dict[str, Any], best: dict[str, Any]) -> None:
+            tracker.log_metrics({"train/fid": row["fid"], "train/kid": row["kid"],
+                                 "train/seconds": row["seconds"],
+                                 "train/best_fid": best["fid"],
+                                 "train/best_epoch": best["epoch"],
+                                 "train/fid_eval_seconds": row["eval_seconds"]},
+                                step=row["step"])
+            log(f"epoch {row['epoch']}: FID {row['fid']:.2f}, KID {row['kid']:.4f} on "
+                f"{row['samples']} DDIM-{row['steps']} samples ({row['eval_seconds']:.1f} s); "
+                f"best FID {best['fid']:.2f} at epoch {best['epoch']}")
+
+        # One writer for the best weights and the checkpoints, in call order: the best
+        # file is on disk before the checkpoint that names it (train_fid's commit point).
+        saver = checkpoint.BackgroundSaver()
+        self.fid = TrainFid(evaluator, cfg.fid_every, cfg.epochs, paths.fid_csv,
+                            paths.checkpoints, run_cfg, size, saver=saver, on_scored=scored)
+        self.checkpointer = Checkpointer(
+            paths.checkpoint, run_cfg, cfg.checkpoint_every, cfg.epochs,
+            extra={"mlflow_run_id": tracker.run_id, "code": code}, saver=saver,
+            after=lambda state: functools.partial(
+                prune_best, paths.checkpoints, named_best(state.extra, paths.checkpoints)))
+        self.callbacks = (
+            Progress(cfg.epochs, epoch_steps, resume["step"] if resume else 0),
+            LossCsv(paths.reports / "train_loss.csv"),
+            Strips(paths.strips, schedule, size, cfg.seed, cfg.strip_every, cfg.epochs, device,
+                   on_saved=lambda path, epoch: tracker.log_image(path, "reverse_strip", epoch),
+                   fast=lambda model: strip_denoiser(model, device, cfg)),
+            self.fid,
+            self.checkpointer,
+            TrackMetrics(tracker),
+            EpochLog(log),
+        )
+
+    def finish(self, state: Any) -> None:
+        """After the loop: a finished run resumed with other FID settings is scored once at
+        its last epoch, and a checkpoint records it."""
+        if self.fid.catch_up(state):
+            self.checkpointer.run(state, EpochSummary(**state.epochs_done[-1]))
+            self.checkpointer.close()
 
 
 def write_outputs(state: Any, paths: TrainPaths, run_cfg: dict[str, Any], size: int,
                   n_params: int, n_images: int, device: torch.device, tracker: Tracker) -> None:
     checkpoint.save(paths.model, final_weights(state, run_cfg, size))
     write_loss_csv(paths.reports / "train_loss.csv", state.history)
-    history = state.extra.get("fid", [])
-    write_fid_csv(paths.fid_csv, history)  # a header alone with train.fid_every: 0
-    if not history:  # train.fid_every: 0 - the final weights, and best.pt says so
-        checkpoint.save(paths.best, best_weights(state, run_cfg, size, None))
-    elif not paths.best.exists():
-        raise checkpoint.CheckpointError(f"{paths.best} is missing although the run scored "
-                                         f"{len(history)} in-training FIDs",
-                                         "it was deleted while training; retrain from scratch "
-                                         "(remove models/checkpoints/last.pt)")
+    write_fid_csv(paths.fid_csv, state.extra.get("fid", []))  # a header alone without FID
+    publish_best(paths, state, run_cfg, size)
     last = state.epochs_done[-1]
     report = {
         "epochs": state.epoch,
@@ -286,7 +362,7 @@ def write_outputs(state: Any, paths: TrainPaths, run_cfg: dict[str, Any], size: 
         "images": n_images,
         "device": str(device),
         "step_variant": last.get("variant", ""),
-        **summary_fields(history),
+        **summary_fields(state.extra),
     }
     atomic.write_json(paths.reports / "train.json", report)
     # train/final_loss, train/best_fid, ...: the run's numbers as top-level metrics
@@ -296,3 +372,17 @@ def write_outputs(state: Any, paths: TrainPaths, run_cfg: dict[str, Any], size: 
     tracker.log_artifact(paths.model, "model")
     tracker.log_artifact(paths.reports / "train_loss.csv", "reports")
     tracker.log_artifact(paths.fid_csv, "reports")
+
+
+def publish_best(paths: TrainPaths, state: Any, run_cfg: dict[str, Any], size: int) -> None:
+    """models/best.pt: the best-weights file the final checkpoint names, or with no
+    in-training FID (train.fid_every: 0) the final weights, saying so."""
+    named = named_best(state.extra, paths.checkpoints)
+    if named is None:
+        checkpoint.save(paths.best, best_weights(state, run_cfg, size, None))
+        return
+    if not named.exists():
+        raise checkpoint.CheckpointError(f"{named}, the best weights of this run, is missing",
+                                         "it was deleted while training; retrain from scratch "
+                                         "(remove models/checkpoints/last.pt)")
+    atomic.write_with(paths.best, lambda tmp: shutil.copyfile(named, tmp))
