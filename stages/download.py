@@ -8,8 +8,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import stageutil  # noqa: E402
 from ddpm.atomic import atomic_directory  # noqa: E402
-from ddpm.download import DownloadError, fetch_archive, fetch_kaggle  # noqa: E402
-from ddpm.synthetic import write_synthetic_dataset  # noqa: E402
+from ddpm.data.download import DownloadError, fetch_archive, fetch_kaggle  # noqa: E402
+from ddpm.data.synthetic import write_synthetic_dataset  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from tqdm import tqdm
 # This checkout's library, not an installed one: the code dvc.lock hashed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddpm import atomic, fid, stageutil  # noqa: E402
+from ddpm import atomic, stageutil  # noqa: E402
+from ddpm.evaluate import fid  # noqa: E402
 from ddpm.config import flatten  # noqa: E402
 from ddpm.tracking import Tracker, select  # noqa: E402
 

@@ -10,13 +10,14 @@ from tqdm import tqdm
 # This checkout's library, not an installed one: the code dvc.lock hashed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddpm import atomic, checkpoint, stageutil  # noqa: E402
-from ddpm.checkpoint import CheckpointError  # noqa: E402
+from ddpm import atomic, stageutil  # noqa: E402
+from ddpm.train import checkpoint  # noqa: E402
+from ddpm.train.checkpoint import CheckpointError  # noqa: E402
 from ddpm.config import ConfigError, flatten  # noqa: E402
-from ddpm.diffusion import make_schedule  # noqa: E402
-from ddpm.fastpath import denoiser  # noqa: E402
-from ddpm.generate import generate_samples, write_figures  # noqa: E402
-from ddpm.processed import ProcessedDataError, load_processed  # noqa: E402
+from ddpm.model.diffusion import make_schedule  # noqa: E402
+from ddpm.train.fastpath import denoiser  # noqa: E402
+from ddpm.evaluate.generate import generate_samples, write_figures  # noqa: E402
+from ddpm.data.processed import ProcessedDataError, load_processed  # noqa: E402
 from ddpm.tracking import Tracker, select  # noqa: E402
 from ddpm.device import resolve_device  # noqa: E402
 

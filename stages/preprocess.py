@@ -9,8 +9,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import stageutil  # noqa: E402
-from ddpm.annotations import AnnotationError, read_bboxes  # noqa: E402
-from ddpm.preprocess import PreprocessError, preprocess  # noqa: E402
+from ddpm.data.annotations import AnnotationError, read_bboxes  # noqa: E402
+from ddpm.data.preprocess import PreprocessError, preprocess  # noqa: E402
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ from tqdm import tqdm
 # This checkout's library, not an installed one: the code dvc.lock hashed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddpm import fid, stageutil  # noqa: E402
-from ddpm.processed import ProcessedDataError, load_processed  # noqa: E402
+from ddpm.evaluate import fid  # noqa: E402
+from ddpm import stageutil  # noqa: E402
+from ddpm.data.processed import ProcessedDataError, load_processed  # noqa: E402
 
 
 def main() -> None:

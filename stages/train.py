@@ -3,7 +3,7 @@
 Resumes from models/checkpoints/last.pt when it was made by the same code, with the
 same model, diffusion, training and data settings (and then continues its MLflow
 run); otherwise says what differs and starts fresh. With train.nproc > 1 it starts
-one worker process per GPU itself (`ddpm.train_stage`).
+one worker process per GPU itself (`ddpm.train.stage`).
 """
 
 import sys
@@ -12,11 +12,13 @@ from pathlib import Path
 # This checkout's library, not an installed one: the code dvc.lock hashed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddpm import fid, stageutil, train_stage  # noqa: E402
-from ddpm.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
-from ddpm.processed import ProcessedDataError  # noqa: E402
-from ddpm.step import CaptureError  # noqa: E402
-from ddpm.training import NonFiniteLossError  # noqa: E402
+from ddpm.evaluate import fid  # noqa: E402
+from ddpm import stageutil  # noqa: E402
+from ddpm.train import stage as train_stage  # noqa: E402
+from ddpm.train.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
+from ddpm.data.processed import ProcessedDataError  # noqa: E402
+from ddpm.train.step import CaptureError  # noqa: E402
+from ddpm.train.loop import NonFiniteLossError  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ddpm.config import DiffusionConfig, ModelConfig
-from ddpm.demo import copy_pipeline
+from ddpm.tools.demo import copy_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

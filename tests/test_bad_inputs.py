@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, write_params, write_processed
-from ddpm.synthetic import write_synthetic_dataset
+from ddpm.data.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def generate(data: str, model: str = "foreign.pt") -> list[str]:
 
 
 def ddpm(*args: str) -> list[str]:
-    return ["-m", "ddpm.cli", *args]
+    return ["-m", "ddpm.tools.cli", *args]
 
 
 # (what is wrong, the command, a fragment of the one line it must print)
@@ -159,13 +159,13 @@ def test_gpu_indices_and_process_counts_are_checked_against_the_machine(monkeypa
 def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
     """What torch says when the disk fills mid-write (seen 2026-12-02) becomes a line that
     says so; the previous file stays, and no temporary file is left."""
-    from ddpm import checkpoint
+    from ddpm.train import checkpoint
 
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"epoch": 1, "w": torch.zeros(1000)})
 
-    def full(payload, tmp):
-        Path(tmp).write_bytes(b"\0" * 100)
+    def full(payload, f):
+        f.write(b"\0" * 100)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9478400 "
                            "vs 9478292")
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import tiny
-from ddpm.bench import Counts, project_stage, run_bench
+from ddpm.tools.bench import Budget, project_stage, run_bench
 from ddpm.config import params_from_dict
-from ddpm.unet import UNet
+from ddpm.model.unet import UNet
 
 TINY = tiny(train={"batch_size": 4, "fid_steps": 5}, generate={"batch_size": 2},
             evaluate={"batch_size": 2})
-FEW = Counts(train_warmup=1, train_steps=2, sample_warmup=1, sample_steps=2,
-             matmul_size=256, matmul_iters=2, inception_images=2)
+FEW = Budget(train_s=0.05, sample_s=0.02, sample_evals=2, matmul_size=256, matmul_s=0.02,
+             inception_images=2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,7 +45,7 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     lines = []
     result = run_bench(params_from_dict(TINY), torch.device("cpu"), quick=True, out_path=out,
-                       print_fn=lines.append, counts=FEW)
+                       print_fn=lines.append, budget=FEW)
     return result, out, lines
 
 
@@ -148,8 +148,8 @@ def test_files_hold_the_figures_and_the_printout(bench):
 
 
 def test_compile_and_inception_failures_are_reported_not_raised(monkeypatch):
-    import ddpm.bench
-    import ddpm.fid
+    import ddpm.tools.bench
+    import ddpm.evaluate.fid
 
     def broken_compile(model, mode=None, dynamic=None):
         def forward(*args):
@@ -157,14 +157,14 @@ def test_compile_and_inception_failures_are_reported_not_raised(monkeypatch):
         return forward
 
     def no_weights(device):
-        raise ddpm.fid.FidWeightsError("the Inception weights are missing")
+        raise ddpm.evaluate.fid.FidWeightsError("the Inception weights are missing")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(ddpm.fid, "load_inception", no_weights)
+    monkeypatch.setattr(ddpm.evaluate.fid, "load_inception", no_weights)
     lines = []
     params = params_from_dict({**TINY, "train": {**TINY["train"], "compile": "on"}})
     result = run_bench(params, torch.device("cpu"), quick=True, out_path=None,
-                       print_fn=lines.append, counts=FEW)
+                       print_fn=lines.append, budget=FEW)
     text = "\n".join(lines)
     assert "fell back: torch.compile failed (RuntimeError: no C++ compiler found" in text
     assert "compile: off (train.compile is 'on'; compiling failed)" in text
@@ -175,37 +175,45 @@ def test_compile_and_inception_failures_are_reported_not_raised(monkeypatch):
     assert result["inception"] == {"unavailable": reason}
 
 
-def test_epoch_end_timing_fits_a_schedule_shorter_than_its_counts(tmp_path):
-    from ddpm.bench import fast_step, measure_epoch_end
+def test_epoch_end_timing_fits_a_schedule_shorter_than_its_budget(tmp_path):
+    from ddpm.tools.bench import fast_step, measure_epoch_end
 
     params = params_from_dict({**TINY, "diffusion": {"steps": 4},
                                "train": {**TINY["train"], "fid_every": 0}})
-    counts = Counts(train_warmup=1, train_steps=1, sample_warmup=3, sample_steps=10,
-                    matmul_size=64, matmul_iters=1, inception_images=2)
-    lines = []
+    budget = Budget(train_s=0.01, sample_s=0.01, sample_evals=10, matmul_size=64,
+                    matmul_s=0.01, inception_images=2)
     extras = measure_epoch_end(fast_step(params, torch.device("cpu"), 2), params,
-                               torch.device("cpu"), counts, lines.append, tmp_path)
+                               torch.device("cpu"), budget, tmp_path)
     assert extras["strip_seconds"] == pytest.approx(4 * extras["strip_step_s"])
-    assert "; 1 timed)" in "\n".join(lines)  # 3 warm-up steps of 4 leave 1 to time
+    assert extras["strip_timed_steps"] % 4 == 0  # whole runs of the 4 steps there are
     assert list(tmp_path.iterdir()) == []  # the checkpoints went with their temporary folder
 
 
-def test_cpu_training_steps_are_timed_for_at_least_the_minimum_time():
-    """A few millisecond-long steps are not a measurement: on a CPU the loop goes on
-    until `min_seconds` have passed, and says how many calls it timed."""
+def test_timings_run_for_at_least_the_minimum_time_and_time_the_first_call_alone():
+    """A few millisecond-long steps are not a measurement: torch.utils.benchmark repeats
+    them until `min_run_time` has passed; the first call (a compile) is timed apart."""
     import time
 
-    from ddpm.bench import _time_loop
+    from ddpm.tools.bench import timed
 
     calls = []
 
     def step():
+        time.sleep(0.05 if not calls else 0.005)
         calls.append(1)
-        time.sleep(0.005)
 
-    first, mean, timed = _time_loop(step, warmup=1, iters=3, device=torch.device("cpu"),
-                                    min_seconds=0.2)
-    assert timed == len(calls) - 1 and timed > 3  # the first call is the warm-up
-    assert timed * mean >= 0.2 and mean >= 0.005 and first >= 0.005
-    _, _, timed = _time_loop(step, warmup=1, iters=3, device=torch.device("cpu"))
-    assert timed == 3
+    figures = timed(step, min_run_time=0.2)
+    assert figures["first_s"] >= 0.05 and 0.005 <= figures["per_call_s"] < 0.02
+    assert figures["calls"] * figures["per_call_s"] >= 0.2
+    assert len(calls) > figures["calls"]  # the warm-up calls are not counted
+
+
+def test_a_cpu_bench_keeps_the_params_batch_when_memory_holds_it(monkeypatch):
+    from ddpm.tools import machine
+
+    params = params_from_dict(tiny(train={"batch_size": 16}))
+    assert machine.train_batch(params, torch.device("cpu")) == (16, "")
+    need = machine.training_bytes(params, 16)
+    monkeypatch.setattr(machine, "available_memory", lambda: int(need * 1.2))  # 60 % fits
+    batch, why = machine.train_batch(params, torch.device("cpu"))
+    assert batch == 8 and "train.batch_size 16 lowered to 8 on the cpu" in why

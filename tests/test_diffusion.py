@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ddpm.config import DiffusionConfig
-from ddpm.diffusion import (cosine_betas, ddim_step, ddpm_step, loss_per_image, make_schedule,
-                            predict_x0, q_posterior, q_sample)
-from ddpm.samplers import ImageNoise, sample_ddim, sample_ddpm
+from ddpm.model.diffusion import (cosine_betas, ddim_step, ddpm_step, loss_per_image,
+                                  make_schedule, predict_x0, q_posterior, q_sample)
+from ddpm.model.samplers import ImageNoise, sample_ddim, sample_ddpm
 
 S = make_schedule(DiffusionConfig(steps=512))
 
@@ -163,7 +163,7 @@ def test_ddim_draws_noise_only_when_eta_adds_it_and_eta_zero_equals_zero_noise()
            for eta, noise in counted.items()}
     assert counted[0.0].draws == 0 and counted[0.5].draws == 10
     # The same steps with noise added at weight sigma = 0: the samples do not change.
-    from ddpm.samplers import ddim_timesteps
+    from ddpm.model.samplers import ddim_timesteps
 
     x, ts = x_T, ddim_timesteps(50, 10).tolist() + [-1]
     for t, t_prev in zip(ts, ts[1:]):
@@ -182,7 +182,7 @@ def test_cosine_schedule_is_monotone_and_bounded():
 
 
 def test_ddim_timesteps_start_at_the_top_and_end_at_zero():
-    from ddpm.samplers import ddim_timesteps
+    from ddpm.model.samplers import ddim_timesteps
 
     assert ddim_timesteps(512, 1).tolist() == [511]
     assert ddim_timesteps(512, 2).tolist() == [511, 0]

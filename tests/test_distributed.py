@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, TINY_MODEL, write_params, write_processed
-from ddpm import checkpoint
+from ddpm.train import checkpoint
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
@@ -45,7 +45,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # lr-sized steps, so compare the typical difference with the typical move.
     diff = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
     torch.manual_seed(42)  # train.seed: the initial weights
-    from ddpm.unet import UNet
+    from ddpm.model.unet import UNet
     init = UNet(TINY_MODEL).state_dict()
     moved = torch.cat([(one[k] - init[k]).abs().flatten() for k in one])
     print(f"mean |1 proc - 2 procs| {diff.mean():.3g}, mean |trained - init| {moved.mean():.3g}")

@@ -24,7 +24,7 @@ try:
 except ImportError:  # not installed into the environment: use the source tree
     sys.path.insert(0, str(ROOT / "src"))
 
-from ddpm.download import (  # noqa: E402
+from ddpm.data.download import (  # noqa: E402
     DownloadError,
     extract_zip,
     fetch_archive,
@@ -255,7 +255,7 @@ def test_no_credentials_never_imports_kaggle(clean_env, tmp_path):
     """In a fresh interpreter: `import kaggle` would print its help page."""
     code = (
         "import json, sys, time\n"
-        "from ddpm.download import fetch_kaggle, DownloadError\n"
+        "from ddpm.data.download import fetch_kaggle, DownloadError\n"
         "start = time.monotonic()\n"
         "try:\n"
         f"    fetch_kaggle({DATASET!r}, {str(tmp_path / 'raw')!r})\n"

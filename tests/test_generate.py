@@ -8,12 +8,12 @@ import torch
 
 from conftest import TINY_MODEL, TINY_DIFFUSION
 
-from ddpm import checkpoint
+from ddpm.train import checkpoint
 from ddpm.config import GenerateConfig
-from ddpm.diffusion import make_schedule
-from ddpm.fastpath import denoiser
-from ddpm.generate import generate_samples, write_figures
-from ddpm.unet import UNet
+from ddpm.model.diffusion import make_schedule
+from ddpm.train.fastpath import denoiser
+from ddpm.evaluate.generate import generate_samples, write_figures
+from ddpm.model.unet import UNet
 
 MODEL = TINY_MODEL
 DIFFUSION = TINY_DIFFUSION
@@ -80,7 +80,7 @@ def test_sample_command_writes_pngs(tmp_path):
                           "diffusion": DIFFUSION.__dict__, "image_size": 16},
                "model": model.state_dict(), "ema": model.state_dict()}
     checkpoint.save(tmp_path / "model.pt", payload)
-    done = subprocess.run([sys.executable, "-m", "ddpm.cli", "sample", "--model", str(tmp_path / "model.pt"),
+    done = subprocess.run([sys.executable, "-m", "ddpm.tools.cli", "sample", "--model", str(tmp_path / "model.pt"),
                            "-n", "3", "--out", str(tmp_path / "out"), "--steps", "4", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -91,7 +91,7 @@ def test_sample_command_writes_pngs(tmp_path):
 def test_small_images_are_shown_enlarged_pixel_for_pixel(tmp_path):
     from PIL import Image
 
-    from ddpm.images import save_grid, save_strip
+    from ddpm.evaluate.figures import save_grid, save_strip
 
     tiny = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(0))

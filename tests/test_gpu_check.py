@@ -24,7 +24,7 @@ def test_gpu_check_runs_its_parts_on_a_cpu(tmp_path):
     agree = results["agree"]
     assert agree["eager_tf32"] == 0  # no TF32 on a CPU: the reference itself
     assert 0 < agree["eager_bf16"] < 0.05 and 0 < agree["compiled_bf16"] < 0.05
-    assert results["variants"]["train_batch_16"]["images_per_s"] > 0
+    assert results["variants"]["fast path at batch 16"]["images_per_s"] > 0
     # On a CPU nothing is captured (train.cuda_graph: on needs CUDA), so "captured vs
     # ordinary" compares two runs of the same uncaptured step from the same seed: it checks
     # that the harness is deterministic, so that on a GPU any difference is the capture's.

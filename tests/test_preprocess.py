@@ -9,8 +9,8 @@ from PIL import Image
 
 from conftest import run_stage, write_params
 from ddpm.config import PreprocessConfig
-from ddpm.preprocess import PreprocessError, expand_box, preprocess
-from ddpm.processed import load_processed
+from ddpm.data.preprocess import PreprocessError, expand_box, preprocess
+from ddpm.data.processed import load_processed
 
 
 def save(path, image, fmt="JPEG"):

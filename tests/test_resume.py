@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, TINY_MODEL, dvc, make_dvc_project
-from ddpm import checkpoint, fid, train_stage
+from ddpm.train import checkpoint, stage as train_stage
+from ddpm.evaluate import fid
 from ddpm.config import DiffusionConfig, TrainConfig, params_from_dict
-from ddpm.train_fid import FidEvaluator, TrainFid
+from ddpm.train.fid_curve import FidEvaluator, TrainFid
 
 SCRIPT = REPO / "stages" / "train.py"
 
@@ -28,12 +29,12 @@ def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path):
         "train": {"epochs": 2, "batch_size": 8, "strip_every": 0, "compile": "off"}})
     dvc("repro", "train", cwd=root)
     before = checkpoint.load(root / "models" / "model.pt")
-    unet = root / "src" / "ddpm" / "unet.py"
+    unet = root / "src" / "ddpm" / "model" / "unet.py"
     unet.write_text(unet.read_text().replace("return self.head(h)\n",
                                              "return self.head(h) * 1.01\n", 1))
     out = dvc("repro", "train", cwd=root).stdout
     assert "not resuming from models/checkpoints/last.pt: it was made by other code " \
-           "(src/ddpm/unet.py changed); training from scratch" in out, out
+           "(src/ddpm/model/unet.py changed); training from scratch" in out, out
     after = checkpoint.load(root / "models" / "model.pt")
     assert after["step"] == before["step"] == 4  # trained again, from scratch
     assert not all(torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"])
@@ -192,8 +193,8 @@ def test_a_resumed_optimizer_runs_this_devices_adam(tmp_path):
     """A checkpoint saved with other Adam flags (as CUDA's fused, capturable Adam saves
     them) resumes on the CPU with the CPU's Adam, and ends as an uninterrupted run."""
     from conftest import Crash, CrashAt
-    from ddpm.callbacks import Checkpointer
-    from ddpm.training import train
+    from ddpm.train.callbacks import Checkpointer
+    from ddpm.train.loop import train
 
     data = torch.randint(0, 256, (8, 3, 16, 16), generator=torch.Generator().manual_seed(0),
                          dtype=torch.uint8)
@@ -221,9 +222,9 @@ def test_a_resumed_optimizer_runs_this_devices_adam(tmp_path):
 
 
 def test_a_failed_capture_stops_with_one_line(monkeypatch):
-    from ddpm import step as step_module
-    from ddpm.diffusion import make_schedule
-    from ddpm.step import GRAPH_WARMUP_STEPS, CaptureError, TrainStep, build_state
+    from ddpm.train import step as step_module
+    from ddpm.model.diffusion import make_schedule
+    from ddpm.train.step import GRAPH_WARMUP_STEPS, CaptureError, TrainStep, build_state
 
     class FailingGraph:
         def __init__(self):

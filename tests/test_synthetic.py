@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from scipy.io import loadmat
 
-from ddpm import synthetic
-from ddpm.annotations import read_bboxes
-from ddpm.synthetic import CLASS_NAMES, render_car, split_counts, write_synthetic_dataset
+from ddpm.data import synthetic
+from ddpm.data.annotations import read_bboxes
+from ddpm.data.synthetic import CLASS_NAMES, render_car, split_counts, write_synthetic_dataset
 
 COUNT, SEED = 200, 0
 

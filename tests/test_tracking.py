@@ -408,7 +408,7 @@ def test_dead_server_costs_seconds_and_the_spool_replays(
 
     # Back up (same store, same address): `ddpm tracking replay`.
     startup.append(server.start())
-    from ddpm.cli import main
+    from ddpm.tools.cli import main
 
     main(["tracking", "replay"])  # exits non-zero only when a file fails
     with capfd.disabled():

@@ -8,11 +8,11 @@ import torch
 
 from conftest import TINY_DIFFUSION, TINY_MODEL, Crash, CrashAt
 
-from ddpm import checkpoint
-from ddpm.callbacks import Checkpointer
+from ddpm.train import checkpoint
+from ddpm.train.callbacks import Checkpointer
 from ddpm.config import TrainConfig
-from ddpm.train_fid import FidEvaluator, TrainFid, best_file, continue_best, summary_fields
-from ddpm.training import train
+from ddpm.train.fid_curve import FidEvaluator, TrainFid, best_file, continue_best, summary_fields
+from ddpm.train.loop import train
 
 MODEL = TINY_MODEL
 DIFFUSION = TINY_DIFFUSION
@@ -134,10 +134,10 @@ class ChannelStats(torch.nn.Module):
 
 
 def test_the_evaluator_samples_the_same_noise_every_time_and_scores_with_fid_scores():
-    from ddpm import fid
-    from ddpm.diffusion import make_schedule
-    from ddpm.fastpath import denoiser
-    from ddpm.unet import UNet
+    from ddpm.evaluate import fid
+    from ddpm.model.diffusion import make_schedule
+    from ddpm.train.fastpath import denoiser
+    from ddpm.model.unet import UNet
 
     network = ChannelStats()
     real = np.random.default_rng(0).integers(0, 256, (30, 3, 16, 16), dtype=np.uint8)
@@ -159,7 +159,7 @@ def test_the_evaluator_samples_the_same_noise_every_time_and_scores_with_fid_sco
 
     # The same numbers as sampling those images by hand and scoring them with fid.scores.
     from ddpm.config import GenerateConfig
-    from ddpm.generate import generate_samples
+    from ddpm.evaluate.generate import generate_samples
 
     by_hand = generate_samples(
         denoiser(model, CPU, "fp32", "off"), make_schedule(DIFFUSION),

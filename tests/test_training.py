@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, TINY_MODEL, Crash, CrashAt, run_stage, write_params, write_processed
-from ddpm import checkpoint
-from ddpm.callbacks import Checkpointer
+from ddpm.train import checkpoint
+from ddpm.train.callbacks import Checkpointer
 from ddpm.config import DiffusionConfig, TrainConfig
-from ddpm.training import NonFiniteLossError, dropout_seed, lr_at, train
+from ddpm.train.loop import NonFiniteLossError, dropout_seed, lr_at, train
 
 MODEL = TINY_MODEL
 DIFFUSION = DiffusionConfig(steps=40)
@@ -42,9 +42,9 @@ def test_lr_warms_up_then_decays_to_the_floor():
 
 def test_a_tiny_model_overfits_one_batch():
     """Fixed x0, t and eps: the model + loss can drive the error far down."""
-    from ddpm.diffusion import loss_per_image, make_schedule, q_sample
-    from ddpm.images import to_model
-    from ddpm.unet import UNet
+    from ddpm.model.diffusion import loss_per_image, make_schedule, q_sample
+    from ddpm.model.pixels import to_model
+    from ddpm.model.unet import UNet
 
     torch.manual_seed(0)
     model = UNet(MODEL)
@@ -73,7 +73,7 @@ def test_same_seed_same_weights_different_seed_different():
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import ddpm.step as step
+    import ddpm.train.step as step
 
     real = step.loss_per_image
     calls = {"n": 0}
@@ -243,7 +243,7 @@ def test_only_a_files_own_stale_temporaries_are_removed(tmp_path):
 
 
 def test_a_failing_close_does_not_hide_the_error_that_stopped_training(monkeypatch):
-    import ddpm.step as step
+    import ddpm.train.step as step
 
     real = step.loss_per_image
     monkeypatch.setattr(step, "loss_per_image", lambda pred, eps: real(pred, eps) * float("nan"))
@@ -295,9 +295,9 @@ def reference_training(data, diffusion_cfg, model_cfg, c):
     """The training step as it was written before `step.TrainStep` (2026-11-30): a Python
     float LR, EMA lerp with a float weight, the batch sliced on the host. Kept here only
     as the reference the capturable step is held to."""
-    from ddpm.diffusion import loss_per_image, make_schedule, q_sample
-    from ddpm.images import to_model
-    from ddpm.unet import UNet
+    from ddpm.model.diffusion import loss_per_image, make_schedule, q_sample
+    from ddpm.model.pixels import to_model
+    from ddpm.model.unet import UNet
 
     torch.manual_seed(c.seed)
     model = UNet(model_cfg)

@@ -3,7 +3,8 @@ import dataclasses
 import torch
 
 from ddpm.config import ModelConfig
-from ddpm.unet import AttentionBlock, UNet, count_parameters, forward_flops, timestep_embedding
+from ddpm.model.unet import (AttentionBlock, UNet, count_parameters, forward_flops,
+                             timestep_embedding)
 
 SMALL = ModelConfig(channels=(32, 64, 64), attention=(False, False, True), blocks_per_level=1)
 
@@ -59,7 +60,7 @@ def test_attention_norm_decides_whether_the_attention_input_is_normalised():
 
 
 def test_a_model_saved_before_attention_norm_existed_loads_as_normalised(tmp_path):
-    from ddpm import checkpoint
+    from ddpm.train import checkpoint
 
     torch.manual_seed(0)
     legacy = UNet(dataclasses.replace(SMALL, attention_norm=True)).eval()

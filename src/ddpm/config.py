@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A params.yaml value is missing, unknown, of the wrong type or impossible."""
@@ -359,6 +357,8 @@ def params_from_dict(raw: Any) -> Params:
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate params.yaml; `overrides` maps dotted keys to values."""
+    import yaml  # here, so that the model's configs import without PyYAML
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: not found; run from the repository root or pass --params")
@@ -369,6 +369,22 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         apply_override(raw, dotted, value)
     return params_from_dict(raw)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` arguments as {dotted key: YAML value}."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.precision=bf16")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not YAML ({err})") from None
+    return overrides
 
 
 def apply_override(raw: dict, dotted: str, value: Any) -> None:

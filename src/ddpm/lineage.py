@@ -21,8 +21,7 @@ LIBRARY = Path(__file__).resolve().parent  # src/ddpm, the checkout that is runn
 REPO = LIBRARY.parents[1]
 
 # Files a stage imports that cannot change a cached output, and why.
-NOT_DEPS = {
-    "src/ddpm/__init__.py": "the package's docstring and version string",
+NOT_DEPS = {  # besides package __init__ files that are only a docstring (`_inert`)
     "src/ddpm/stageutil.py": "stage plumbing: argument parsing, printing, one-line error exits",
     "src/ddpm/config.py": "parses and checks params.yaml; the values are DVC params, and every "
                           "key is in params.yaml (test_params_yaml_sets_every_key), so no "
@@ -30,9 +29,16 @@ NOT_DEPS = {
     "src/ddpm/atomic.py": "how files are written (temporary name, rename, mode), not what",
     "src/ddpm/lineage.py": "reads source files to name the code; computes nothing a stage writes",
 }
-for _part in ("__init__", "store", "tracker", "spool"):  # the tracking package
-    NOT_DEPS[f"src/ddpm/tracking/{_part}.py"] = (
-        "sends to MLflow; the run files it writes hold run ids, which differ on every run anyway")
+# Folders whose every file is excused, and why.
+NOT_DEPS_FOLDERS = {
+    "src/ddpm/tracking": "sends to MLflow; the run files it writes hold run ids, which differ "
+                         "on every run anyway",
+}
+
+
+def excused(rel: str) -> bool:
+    """Whether a repository-relative file cannot change a cached output (NOT_DEPS)."""
+    return rel in NOT_DEPS or any(rel.startswith(f"{folder}/") for folder in NOT_DEPS_FOLDERS)
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -73,6 +79,9 @@ def imported_modules(path: Path, root: Path = REPO) -> set[Path]:
             file = _module_file(name, root) if name else None
             if file is not None:
                 found.add(file)
+                # Importing ddpm.a.b runs the __init__ of ddpm and of ddpm.a first.
+                found.update(p / "__init__.py" for p in file.parents
+                             if p.is_relative_to(library) and (p / "__init__.py") != file)
     return found
 
 
@@ -88,12 +97,57 @@ def import_closure(script: Path, root: Path = REPO) -> set[str]:
     return {p.relative_to(root).as_posix() for p in seen}
 
 
+def as_deps(files: list[str], root: Path = REPO) -> list[str]:
+    """`files` as dvc.yaml lists them: a library folder all of whose code is among them as
+    the folder, the rest as files."""
+    wanted, out = set(files), set(files)
+    folders = sorted({p for f in wanted for p in Path(f).parents
+                      if p.is_relative_to("src/ddpm") and p != Path("src/ddpm")},
+                     key=lambda p: len(p.parts))
+    for folder in folders:  # the widest first: a whole subpackage covers its subfolders
+        if any(Path(d) in folder.parents for d in out if not d.endswith(".py")):
+            continue
+        modules = folder_code(folder, root)
+        if modules <= wanted:
+            out = (out - modules) | {folder.as_posix()}
+    return sorted(out)
+
+
+def folder_code(folder: str | Path, root: Path = REPO) -> set[str]:
+    """The code files a folder dep covers: its modules, less docstring-only __init__ files
+    and NOT_DEPS."""
+    return {rel for p in sorted((root / folder).rglob("*.py"))
+            if not excused(rel := p.relative_to(root).as_posix()) and not _inert(p)}
+
+
+def expand_deps(deps: list[str], root: Path = REPO) -> set[str]:
+    """The code files a list of dvc.yaml deps covers (a folder: `folder_code`)."""
+    out: set[str] = set()
+    for dep in deps:
+        if (root / dep).is_dir():
+            out |= folder_code(dep, root)
+        elif dep.endswith(".py"):
+            out.add(dep)
+    return out
+
+
+def _inert(path: Path) -> bool:
+    """A package __init__ that is only a docstring (and a version string): running it
+    changes nothing."""
+    if path.name != "__init__.py":
+        return False
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+               or isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+               for node in body)
+
+
 def stage_code(script: Path, root: Path = REPO) -> list[str]:
     """The files whose edit can change what `script` writes: the script and its import
     closure, minus NOT_DEPS; sorted repository-relative paths (a stage's code deps)."""
     script = Path(script).resolve()
-    return sorted({script.relative_to(root).as_posix()}
-                  | (import_closure(script, root) - set(NOT_DEPS)))
+    code = {p for p in import_closure(script, root) if not excused(p) and not _inert(root / p)}
+    return sorted({script.relative_to(root).as_posix()} | code)
 
 
 def code_digest(script: Path, root: Path = REPO) -> dict[str, str]:

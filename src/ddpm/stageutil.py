@@ -78,7 +78,7 @@ def run(main: Callable[[], None], expected: tuple[type[BaseException], ...] = ()
         sys.exit(130)
 
 
-LAUNCHED_ENV = "DDPM_LAUNCHED"  # set by train_stage.launch for its workers
+LAUNCHED_ENV = "DDPM_LAUNCHED"  # set by train.stage.launch for its workers
 
 
 def report_error(line: str) -> None:

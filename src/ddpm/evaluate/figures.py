@@ -1,5 +1,4 @@
-"""uint8 images on disk, [-1, 1] floats in the model: the one pair of conversions,
-and the PNG/GIF writers for grids and diffusion strips."""
+"""The PNG and GIF writers for sample grids and diffusion strips (uint8 images)."""
 
 from __future__ import annotations
 
@@ -10,17 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import atomic
-
-
-def to_model(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return images.float().div(127.5).sub(1)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
-    return x.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+from .. import atomic
 
 
 MIN_TILE = 64  # pixels: smaller images are shown enlarged, nearest neighbour, in figures

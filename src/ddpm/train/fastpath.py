@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .samplers import Denoiser
+from ..config import TrainConfig
+from ..model.samplers import Denoiser
 
 
 def autocast_for(device: torch.device, precision: str):

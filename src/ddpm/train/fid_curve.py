@@ -34,14 +34,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import atomic, checkpoint, fid
+from .. import atomic
+from . import checkpoint
+from ..evaluate import fid
 from .callbacks import AtCadence
-from .config import GenerateConfig
-from .diffusion import Schedule
-from .generate import generate_samples
-from .samplers import Denoiser
+from ..config import GenerateConfig
+from ..model.diffusion import Schedule
+from ..evaluate.generate import generate_samples
+from ..model.samplers import Denoiser
 from .step import TrainState
-from .training import EpochSummary, final_weights
+from .loop import EpochSummary, final_weights
 
 FID_COLUMNS = ("epoch", "step", "seconds", "fid", "kid", "samples", "sampler", "steps", "eta")
 SETTINGS = ("sampler", "steps", "eta", "samples")  # what makes two evaluations comparable

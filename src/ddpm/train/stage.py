@@ -2,13 +2,13 @@
 
     check the inputs and devices -> [train.nproc > 1: start that many workers, each
     re-running the stage] -> join the process group -> rank 0 tidies the outputs and
-    reads the checkpoint -> resume it, or start fresh -> `training.train` with rank
+    reads the checkpoint -> resume it, or start fresh -> `loop.train` with rank
     0's callbacks (progress, loss CSV, strips, in-training FID, checkpoints, tracking)
     -> rank 0 writes models/model.pt, models/best.pt and the reports.
 
 A checkpoint is resumed only when it was made by the same code (`lineage.code_digest`
 of this stage's import closure), with the same model, diffusion, result-affecting
-training settings and data (`training.run_config`), and the best weights it names are
+training settings and data (`loop.run_config`), and the best weights it names are
 on disk; then its MLflow run continues. Otherwise the stage says what differs (the
 files, the settings) and trains from scratch. One that cannot be read is moved aside,
 with a message.
@@ -28,19 +28,22 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import atomic, checkpoint, distributed, fid, lineage, stageutil
+from .. import atomic, lineage, stageutil
+from . import checkpoint, distributed
+from ..evaluate import fid
 from .callbacks import (Checkpointer, EpochLog, LossCsv, Progress, Strips, TrackMetrics,
-                        write_loss_csv)
-from .config import ConfigError, Params, flatten
-from .device import check_processes, resolve_device
-from .diffusion import make_schedule
+                              write_loss_csv)
+from ..config import ConfigError, Params, flatten
+from ..device import check_processes, resolve_device
+from ..model.diffusion import make_schedule
 from .fastpath import denoiser, strip_denoiser
-from .processed import load_processed
-from .tracking import ParamConflictError, Tracker, run_tags, select
-from .train_fid import (FidEvaluator, TrainFid, best_weights, check_reference, continue_best,
-                        named_best, prune_best, summary_fields, write_fid_csv)
-from .training import EpochSummary, final_weights, run_config, steps_per_epoch, train
-from .unet import UNet, count_parameters
+from ..data.processed import load_processed
+from ..tracking import ParamConflictError, Tracker, run_tags, select
+from .fid_curve import (FidEvaluator, TrainFid, best_weights, check_reference,
+                              continue_best, named_best, prune_best, summary_fields,
+                              write_fid_csv)
+from .loop import EpochSummary, final_weights, run_config, steps_per_epoch, train
+from ..model.unet import UNet, count_parameters
 
 TRAIN_SECTIONS = ("data", "preprocess", "diffusion", "model", "train")
 

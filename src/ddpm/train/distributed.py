@@ -1,6 +1,6 @@
 """Several training processes, one per GPU: the process group and the collectives training uses.
 
-Under torchrun (or the train stage's own launcher, `train_stage.launch`) every
+Under torchrun (or the train stage's own launcher, `stage.launch`) every
 process sees WORLD_SIZE, RANK and LOCAL_RANK. NCCL on GPUs, gloo on CPUs.
 """
 
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .device import resolve_device
+from ..device import resolve_device
 
 
 def is_worker() -> bool:

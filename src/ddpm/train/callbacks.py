@@ -1,6 +1,6 @@
 """Training callbacks: progress bar, loss CSV, reverse-diffusion strips, checkpoints.
 
-Each decides its own cadence; the loop in `training.py` just calls them.
+Each decides its own cadence; the loop in `loop.py` just calls them.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import atomic, checkpoint
-from .diffusion import Schedule
-from .images import save_strip, to_uint8
-from .samplers import Denoiser, ImageNoise, sample_with_frames
+from .. import atomic
+from . import checkpoint
+from ..model.diffusion import Schedule
+from ..evaluate.figures import save_strip
+from ..model.pixels import to_uint8
+from ..model.samplers import Denoiser, ImageNoise, sample_with_frames
 from .step import TrainState
-from .training import EpochSummary
+from .loop import EpochSummary
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
 

@@ -19,9 +19,9 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import atomic
+from .. import atomic
 from .annotations import Box
-from .config import PreprocessConfig
+from ..config import PreprocessConfig
 from .processed import IMAGES_FILE, MANIFEST_FILE
 from .formats import is_image_name
 

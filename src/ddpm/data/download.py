@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
-from ddpm.atomic import atomic_directory
-from ddpm.formats import is_image_name
+from ..atomic import atomic_directory
+from .formats import is_image_name
 
 Log = Optional[Callable[[str], None]]
 

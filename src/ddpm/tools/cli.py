@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_params
-from .stageutil import OneLineParser
+from ..config import ConfigError, load_params
+from ..stageutil import OneLineParser
 
 
 def at_least(minimum: int, args: argparse.Namespace, *names: str) -> None:
@@ -29,7 +29,7 @@ def at_least(minimum: int, args: argparse.Namespace, *names: str) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from .unet import UNet, count_parameters, forward_flops
+    from ..model.unet import UNet, count_parameters, forward_flops
 
     params = load_params(args.params)
     model = UNet(params.model)
@@ -47,13 +47,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
-    from .checkpoint import load, load_model
-    from .config import GenerateConfig
-    from .diffusion import make_schedule
-    from .fastpath import denoiser
-    from .generate import generate_samples
-    from .images import save_png
-    from .device import resolve_device
+    from ..train.checkpoint import load, load_model
+    from ..config import GenerateConfig
+    from ..model.diffusion import make_schedule
+    from ..train.fastpath import denoiser
+    from ..evaluate.generate import generate_samples
+    from ..evaluate.figures import save_png
+    from ..device import resolve_device
 
     at_least(1, args, "n", "batch_size", "steps")
     if args.eta < 0:
@@ -77,7 +77,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_fid(args: argparse.Namespace) -> None:
-    from . import fid
+    from ..evaluate import fid
 
     at_least(1, args, "batch_size", "kid_subsets")
     at_least(2, args, "kid_subset_size")
@@ -95,7 +95,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> None:
     """Send spool files (default: all under <repo root>/.mlflow-spool/) to the store."""
-    from . import tracking
+    from .. import tracking
 
     files = [Path(f) for f in args.files] or tracking.spool_files()
     if not files:
@@ -112,18 +112,11 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import yaml
-
+    from ..config import parse_overrides
+    from ..device import resolve_device
     from .bench import run_bench
-    from .device import resolve_device
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.precision=bf16")
-        overrides[key] = yaml.safe_load(value)
-    params = load_params(args.params, overrides)
+    params = load_params(args.params, parse_overrides(args.set))
     device = resolve_device(args.device or params.train.device)
     run_bench(params, device, quick=args.quick, out_path=Path(args.out) if args.out else None)
 
@@ -201,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors whose message says what is wrong and how to fix it: shown as one line, no
 # traceback. Named, not imported, so that `ddpm --help` loads neither torch nor mlflow.
-USER_ERRORS = ("ddpm.config.ConfigError", "ddpm.fid.FidInputError", "ddpm.fid.FidWeightsError",
-               "ddpm.checkpoint.CheckpointError", "ddpm.checkpoint.CheckpointWriteError",
+USER_ERRORS = ("ddpm.config.ConfigError", "ddpm.evaluate.fid.features.FidInputError",
+               "ddpm.evaluate.fid.features.FidWeightsError",
+               "ddpm.train.checkpoint.CheckpointError",
+               "ddpm.train.checkpoint.CheckpointWriteError",
                "ddpm.tracking.TrackingError")
 
 

@@ -20,8 +20,8 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
-from .config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig, as_dict
-from .diffusion import make_schedule
+from ..config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig, as_dict
+from ..model.diffusion import make_schedule
 from .distributed import all_mean, world
 from .step import TrainState, TrainStep, build_state
 

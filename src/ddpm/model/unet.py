@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -13,10 +13,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import apply_override, params_from_dict
+from ..config import apply_override, params_from_dict
 
 # Sized for a 2-core CPU: the whole pipeline in under 8 minutes, with FID against its
 # 600 real images (see README "The demo", which has the figures and the settings tried).
@@ -69,9 +70,10 @@ def repository_root() -> Path:
                             "run it from a clone with `make demo`")
 
 
-def demo_params(base: Path) -> dict:
+def demo_params(base: Path, overrides: dict[str, Any] = DEMO_OVERRIDES) -> dict:
+    """The params file `base` with `overrides` ({dotted key: value}) applied, validated."""
     raw = yaml.safe_load(base.read_text()) or {}
-    for key, value in DEMO_OVERRIDES.items():
+    for key, value in overrides.items():
         apply_override(raw, key, value)
     params_from_dict(raw)  # validate before any work
     return raw
@@ -89,15 +91,19 @@ def copy_pipeline(repo: Path, out: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def prepare(out: Path, repo: Path, params_path: Path) -> None:
-    params = demo_params(params_path)
+def prepare(out: Path, repo: Path, params_path: Path,
+            overrides: dict[str, Any] = DEMO_OVERRIDES, dvc: bool = True) -> Path:
+    """A scratch project in `out`: the pipeline's code, `params_path` with `overrides`, and
+    (with `dvc`) an initialised DVC project."""
+    params = demo_params(params_path, overrides)
     copy_pipeline(repo, out)
     (out / "params.yaml").write_text(
-        "# Written by `ddpm demo` from the repository's params.yaml + ddpm.demo.DEMO_OVERRIDES\n"
+        f"# Written from {params_path.name} with overrides (ddpm.tools.demo.prepare)\n"
         + yaml.safe_dump(params, sort_keys=False))
-    if not (out / ".dvc").exists():
+    if dvc and not (out / ".dvc").exists():
         subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=out, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=out, check=True)
+    return out
 
 
 def run_demo(out: str | Path = "demo-run", params_path: str | Path = "params.yaml") -> None:
@@ -149,7 +155,7 @@ def summarize(out: Path) -> None:
         lines.append(f"  {'tracking (MLflow)':19s} mlflow ui --backend-store-uri "
                      f"sqlite:///{out / 'mlflow.db'}")
         if run.get("experiment_id"):
-            from .tracking import ui_link
+            from ..tracking import ui_link
 
             lines.append(f"  {'':19s} then open {ui_link(run['experiment_id'])}")
     print("\n".join(lines))

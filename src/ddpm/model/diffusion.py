@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .config import DiffusionConfig
+from ..config import DiffusionConfig
 
 
 def linear_betas(steps: int, beta_start: float, beta_end: float) -> torch.Tensor:

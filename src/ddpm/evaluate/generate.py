@@ -12,10 +12,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import GenerateConfig
-from .diffusion import Schedule
-from .images import save_gif, save_grid, save_strip, to_model, to_uint8
-from .samplers import ImageNoise, forward_frames, get_sampler, sample_with_frames, sampler_steps
+from ..config import GenerateConfig
+from ..model.diffusion import Schedule
+from .figures import save_gif, save_grid, save_strip
+from ..model.pixels import to_model, to_uint8
+from ..model.samplers import (ImageNoise, forward_frames, get_sampler, sample_with_frames,
+                             sampler_steps)
 
 
 def generate_samples(denoise: Callable, schedule: Schedule, cfg: GenerateConfig, image_size: int,

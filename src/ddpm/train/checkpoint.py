@@ -13,9 +13,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import atomic
-from .config import DiffusionConfig, ModelConfig
-from .unet import UNet
+from .. import atomic
+from ..config import DiffusionConfig, ModelConfig
+from ..model.unet import UNet
 
 
 class CheckpointError(ValueError):
@@ -35,8 +35,14 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     """torch.save, atomically. A failed write leaves the previous file and no temporary
     one, and raises CheckpointWriteError saying why (a full disk in so many words: torch
     reports it as `[enforce fail at inline_container.cc] unexpected pos`)."""
+    def write(tmp: Path) -> None:
+        # Through a file object: given a name, torch.save names the archive's root folder
+        # after the (random) temporary file, and the same weights would differ in bytes.
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
     try:
-        atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
+        atomic.write_with(path, write)
     except Exception as err:  # noqa: BLE001 - a full disk, a bad path, an unpicklable value
         raise CheckpointWriteError(_write_failure(Path(path), payload, err)) from err
 

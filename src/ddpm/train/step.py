@@ -29,11 +29,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import ModelConfig, TrainConfig
-from .diffusion import Schedule, loss_per_image, q_sample
+from ..config import ModelConfig, TrainConfig
+from ..model.diffusion import Schedule, loss_per_image, q_sample
 from .fastpath import autocast_for, maybe_compile, use_channels_last
-from .images import to_model
-from .unet import UNet
+from ..model.pixels import to_model
+from ..model.unet import UNet
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: compiles, lazy allocations, cuDNN choices
 
