@@ -3,6 +3,8 @@
     store.py    where runs go, run files, and the run rule below
     tracker.py  `Tracker`, the stages' API: one run, logged from a background thread
     spool.py    that thread, the offline spool, and its replay (`ddpm tracking replay`)
+    sqlite.py   a local sqlite store: created once under a lock (several experiments
+                start at once), checked when opened, repaired when that is safe; WAL
 
 mlflow is imported inside functions, so `import ddpm.tracking` works where it
 is not installed; tracking then does nothing, after one warning.
@@ -15,7 +17,9 @@ Where runs go
     repository root is DVC_ROOT, which DVC sets to the real root also for
     `dvc exp run --temp/--queue`: those run in a copy under .dvc/tmp/exps/
     that is deleted afterwards, and would take a store found from the working
-    directory with it.
+    directory with it. Every client of a local sqlite store comes from
+    `store._client`, which makes the file ready first (`sqlite.prepare`); a store
+    it cannot make ready is a TrackingError of one line, and the stage spools.
 
 One run per trained model, shared by the stages after it
     train     starts a run (or resumes the one its checkpoint names), logs its

@@ -23,13 +23,14 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 from ..atomic import write_text
 from ..stageutil import repo_root
-from .store import (TrackingError, _apply, _ensure_experiment, _first_line, _mlflow,
-                    _not_found, _rejected, _say)
+from .store import (TrackingError, _apply, _client, _ensure_experiment, _first_line, _mlflow,
+                    _not_found, _rejected, _say, public_uri)
 
 SPOOL_DIR = ".mlflow-spool"
 RETRY_AFTER_S = 60.0  # after a failure, spool everything this long, then try the server again
@@ -57,7 +58,9 @@ class _Spool:
 
     def _open(self) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = self.header.get("run_id") or time.strftime(f"new-%Y%m%d-%H%M%S-{os.getpid()}")
+        # A run the store never saw: two in one second of one process get two files.
+        name = self.header.get("run_id") or \
+            time.strftime(f"new-%Y%m%d-%H%M%S-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         path = self.directory / f"{name}.jsonl"
         if not path.exists() or path.stat().st_size == 0:  # a resumed run appends to its spool
             path.write_text(json.dumps({"op": "run", **self.header}) + "\n")
@@ -169,7 +172,8 @@ def replay_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
     The store is `tracking_uri`, else MLFLOW_TRACKING_URI, else the one the spool
     was written for. The run is the spooled one if the store has it, else a new
     run in the same experiment. On success the file is renamed `*.jsonl.replayed`;
-    on failure it keeps what is left, so replaying again resumes there.
+    on failure it keeps what is left, so replaying again resumes there, and a
+    TrackingError says why in one line.
     """
     mlflow = _mlflow()
     if mlflow is None:
@@ -178,34 +182,45 @@ def replay_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     header, ops = records[0], records[1:]
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or header["tracking_uri"]
-    client = mlflow.MlflowClient(uri)
-    run_id = header.get("run_id")
     try:
-        if run_id:
-            client.get_run(run_id)
+        client = _client(mlflow, uri)
+        run_id = _replay_run(client, header, uri)
+    except TrackingError:
+        raise
     except Exception as err:
-        if not _not_found(err):
-            raise
-        run_id = None
-    if run_id is None:
-        experiment_id = _ensure_experiment(client, header["experiment"], uri)
-        run_id = client.create_run(experiment_id, tags=header.get("tags") or {},
-                                   run_name=header.get("run_name")).info.run_id
+        raise TrackingError(f"{public_uri(uri)}: {_first_line(err)}") from err
     # The end of a run goes last, whatever order the threads spooled it in.
     ops.sort(key=lambda op: op["op"] == "end")
     for done, op in enumerate(ops):
         try:
             _apply(client, run_id, op)
-        except Exception:
+        except Exception as err:
             rest = [{**header, "run_id": run_id}] + ops[done:]
             write_text(path, "".join(json.dumps(record) + "\n" for record in rest))
-            raise
+            raise TrackingError(f"{public_uri(uri)}: {_first_line(err)} ({done} of {len(ops)} "
+                                f"calls sent; a replay sends the rest)") from err
     path.rename(path.with_name(path.name + ".replayed"))
     shutil.rmtree(path.with_suffix(".files"), ignore_errors=True)
     return run_id
+
+
+def _replay_run(client: Any, header: dict[str, Any], uri: str) -> str:
+    """The spooled run if the store has it, else a new run in the same experiment."""
+    run_id = header.get("run_id")
+    try:
+        if run_id:
+            client.get_run(run_id)
+            return run_id
+    except Exception as err:
+        if not _not_found(err):
+            raise
+    experiment_id = _ensure_experiment(client, header["experiment"], uri)
+    return client.create_run(experiment_id, tags=header.get("tags") or {},
+                             run_name=header.get("run_name")).info.run_id
 
 
 def spool_files(directory: str | Path | None = None) -> list[Path]:
     """Spool files not replayed yet, oldest first."""
     directory = Path(directory) if directory else repo_root() / SPOOL_DIR
     return sorted(directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+

@@ -6,6 +6,7 @@ See `ddpm.tracking` for the whole picture. mlflow is imported inside functions.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -59,7 +60,34 @@ def _mlflow() -> Optional[ModuleType]:
         return None
     for name, value in HTTP_ENV.items():
         os.environ.setdefault(name, value)
+    _quiet_sql_errors()
     return mlflow
+
+
+def _client(mlflow: ModuleType, uri: str) -> Any:
+    """An MlflowClient for `uri`; a local sqlite store is made ready first (created once,
+    under a lock, or repaired: see `ddpm.tracking.sqlite`)."""
+    from .sqlite import prepare  # sqlite.py builds on this module
+
+    prepare(uri)
+    return mlflow.MlflowClient(uri)
+
+
+class _OneLine(logging.Filter):
+    """MLflow logs a failed sqlite session with its SQL statement and a traceback. The
+    error reaches the caller too, which reports it in one line: here one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or "\n" in record.getMessage():
+            record.msg, record.args = _one_line(record.getMessage()), ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_sql_errors() -> None:
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _OneLine) for f in logger.filters):
+        logger.addFilter(_OneLine())
 
 
 # --- where runs go ---------------------------------------------------------------
@@ -79,13 +107,17 @@ def tracking_uri(config: MlflowConfig) -> str:
     return uri
 
 
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a local sqlite URI (`sqlite:///<path>`), else None."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix):].split("?")[0] if uri.startswith(prefix) else ""
+    return Path(path).resolve() if path not in ("", ":memory:") else None
+
+
 def artifact_location(uri: str) -> Optional[str]:
     """`mlartifacts/` beside a local sqlite database; None lets any other store decide."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
-        return None
-    db = Path(uri[len(prefix):].split("?")[0]).resolve()
-    return (db.parent / "mlartifacts").as_uri()
+    db = sqlite_path(uri)
+    return (db.parent / "mlartifacts").as_uri() if db else None
 
 
 def public_uri(uri: str) -> str:
@@ -217,9 +249,15 @@ def _apply(client: Any, run_id: str, op: dict[str, Any]) -> None:
         raise ValueError(f"unknown tracking record {kind!r}")
 
 
+def _one_line(text: str) -> str:
+    """`text` up to the SQL statement that sqlalchemy's errors append, on one line."""
+    text = text.split("[SQL:")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:500]
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
+    return _one_line(text[0]) if text else type(err).__name__
 
 
 
@@ -270,7 +308,7 @@ def run_for_evaluation(source_run_file: str | Path, params: Mapping[str, Any],
     uri = tracking_uri(config)
     wanted = {key: _param_str(value) for key, value in params.items()}
     try:
-        client = mlflow.MlflowClient(uri)
+        client = _client(mlflow, uri)
         run = _run_for(client, config, uri, source.get("run_id"), wanted)
     except Exception as err:
         _say(f"cannot choose a run in {public_uri(uri)} ({_first_line(err)})")
@@ -315,9 +353,11 @@ def _copy_run(client: Any, config: MlflowConfig, uri: str, source: Any,
 
     source_id = source.info.run_id
     train_id = source.data.tags.get("ddpm.train_run_id", source_id)
+    # The DVC experiment is this one (a queued `-S generate.*` makes the copy), not the source's.
     tags = {key: value for key, value in source.data.tags.items()
-            if not key.startswith("mlflow.") or key == "mlflow.user"
+            if not key.startswith(("mlflow.", "dvc.")) or key == "mlflow.user"
             or key.startswith("mlflow.source.")}
+    tags.update(run_tags())
     tags.update({
         "ddpm.train_run_id": train_id,
         "ddpm.source_run_id": source_id,

@@ -14,9 +14,9 @@ from ..atomic import write_json
 from ..config import MlflowConfig
 from ..stageutil import repo_root
 from .spool import SPOOL_DIR, _Sender, _Spool
-from .store import (ParamConflictError, _apply, _ensure_experiment, _existing_run, _first_line,
-                    _mlflow, _now_ms, _param_str, _say, public_uri, run_for_evaluation,
-                    tracking_uri, write_run_file)
+from .store import (ParamConflictError, _apply, _client, _ensure_experiment, _existing_run,
+                    _first_line, _mlflow, _now_ms, _param_str, _say, public_uri,
+                    run_for_evaluation, tracking_uri, write_run_file)
 
 DRAIN_TIMEOUT_S = 30.0  # longest end() waits for queued calls before it spools the rest
 
@@ -76,7 +76,7 @@ class Tracker:
         tags = dict(tags or {})
         client = None
         try:
-            client = mlflow.MlflowClient(self.uri)
+            client = _client(mlflow, self.uri)
             run = self._open_run(client, run_id, run_name, tags)
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             self.run_name = run.info.run_name
