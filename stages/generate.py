@@ -46,10 +46,10 @@ def main() -> None:
                       + (f" (epoch {selected['epoch']}, FID {selected['fid']:.2f} on "
                          f"{selected['samples']} samples)" if "fid" in selected else ""))
     model, diffusion_cfg, size = checkpoint.load_model(payload, cfg.weights, device, path)
-    if cfg.sampler == "ddim" and cfg.steps > diffusion_cfg.steps:
+    if cfg.sampler != "ddpm" and cfg.steps > diffusion_cfg.steps:
         raise ConfigError(f"params.yaml: generate.steps: the model was trained with "
-                          f"{diffusion_cfg.steps} diffusion steps; DDIM can take at most that "
-                          f"many, got {cfg.steps}")
+                          f"{diffusion_cfg.steps} diffusion steps; {cfg.sampler} can take at "
+                          f"most that many model evaluations, got {cfg.steps}")
     schedule = make_schedule(diffusion_cfg).to(device)
     denoise = denoiser(model, device)
     steps = diffusion_cfg.steps if cfg.sampler == "ddpm" else cfg.steps

@@ -20,6 +20,9 @@ TINY = {
               "dropout": 0.0},
     "diffusion": {"steps": 20},
     "preprocess": {"image_size": 16},
+    "sweep": {"num_samples": 8, "batch_size": 8,
+              "points": [{"sampler": "ddim", "steps": 4, "eta": 0.0},
+                         {"sampler": "dpmpp_2m", "steps": 4, "eta": 0.0}]},
 }
 TINY_MODEL = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                             for k, v in TINY["model"].items()})

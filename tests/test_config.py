@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -84,3 +85,31 @@ def test_a_whole_step_graph_refuses_compiles_that_make_their_own_graphs():
     raw["train"].update(cuda_graph="on", compile_mode="reduce-overhead")
     with pytest.raises(ConfigError, match="train.cuda_graph.*compile_mode"):
         params_from_dict(raw)
+
+
+def test_the_samplers_params_accept_are_the_samplers_there_are():
+    import typing
+
+    from ddpm.config import Sampler
+    from ddpm.model.samplers import SAMPLERS
+
+    assert set(typing.get_args(Sampler)) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("section, values, fragment", [
+    ("generate", {"sampler": "dpmpp_2m", "eta": 1.0}, "generate.eta: sampler dpmpp_2m"),
+    ("generate", {"sampler": "dpmpp_2m_sde", "eta": 0.0}, "needs eta > 0"),
+    ("generate", {"sampler": "dpmpp_2m", "steps": 600}, "generate.steps: dpmpp_2m can take at "
+                                                        "most diffusion.steps (512)"),
+    ("train", {"fid_sampler": "ddim", "fid_steps": 0}, "train.fid_steps: must be >= 1"),
+    ("train", {"fid_sampler": "dpmpp_2m", "fid_eta": 0.5}, "train.fid_eta: sampler dpmpp_2m"),
+    ("sweep", {"points": [{"sampler": "ddim", "steps": 513}]}, "sweep.points[0].steps: ddim can "
+                                                               "take at most"),
+    ("sweep", {"points": [{"sampler": "ddim", "steps": 10}, {"sampler": "ddim", "steps": 10,
+                                                              "eta": 0.0}]}, "listed twice"),
+    ("sweep", {"points": "ddim"}, "expected a list of mappings with keys sampler, steps, eta"),
+    ("sweep", {"num_samples": 1}, "sweep.num_samples: must be >= 2"),
+])
+def test_sampler_settings_each_sampler_cannot_honour_are_refused(section, values, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        params_from_dict({section: values})

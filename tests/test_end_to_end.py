@@ -1,6 +1,8 @@
 """The whole pipeline through `dvc repro` on tiny synthetic data, with MLflow tracking."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,12 +10,15 @@ import yaml
 
 from conftest import dvc, make_dvc_project, tiny
 
+# The in-training FID samples as the generate stage does (sampler, steps, eta, count, and
+# generate.seed = train.seed), so its last score is the evaluate stage's.
 TINY_PIPELINE = tiny(
     data={"source": "synthetic", "synthetic_count": 40},
-    train={"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1,
-           "fid_every": 1, "fid_samples": 8, "fid_steps": 3},
-    generate={"num_samples": 24, "sampler": "ddim", "steps": 5, "batch_size": 24,
-              "grid_size": 16},
+    train={"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1, "seed": 42,
+           "fid_every": 1, "fid_samples": 24, "fid_sampler": "ddim", "fid_steps": 5,
+           "fid_eta": 0.0},
+    generate={"num_samples": 24, "sampler": "ddim", "steps": 5, "eta": 0.0, "batch_size": 12,
+              "grid_size": 16, "seed": 42},
     evaluate={"kid_subset_size": 10, "kid_subsets": 5, "batch_size": 24},
 )
 
@@ -34,13 +39,51 @@ def set_param(root, section, key, value):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = make_dvc_project(tmp_path_factory.mktemp("e2e"), TINY_PIPELINE)
+    base = tmp_path_factory.mktemp("e2e")
+    root = make_dvc_project(base / "p", TINY_PIPELINE)
     dvc("repro", cwd=root)
+    # The first run's results, before later tests change params and rerun stages.
+    (base / "first").mkdir()
+    for rel in ("reports/eval.json", "reports/train_fid.csv"):
+        shutil.copy(root / rel, base / "first" / Path(rel).name)
     return root
+
+
+def first(project, name):
+    return project.parent / "first" / name
+
+
+def test_the_last_in_training_fid_is_the_evaluate_score(project):
+    """The same sampler, steps, eta, count and seed: the curve's last point and the final
+    score are one measurement (their batch sizes differ: 24 and 12)."""
+    import csv
+
+    rows = list(csv.DictReader(first(project, "train_fid.csv").open()))
+    final = json.loads(first(project, "eval.json").read_text())
+    assert int(rows[-1]["samples"]) == final["num_samples"] == 24
+    assert (rows[-1]["sampler"], rows[-1]["steps"]) == ("ddim", "5")
+    assert float(rows[-1]["fid"]) == pytest.approx(final["fid"], abs=1e-3)
+
+
+def test_the_sweep_scores_each_point_plots_them_and_logs_them(project):
+    import csv
+
+    rows = list(csv.DictReader((project / "reports" / "sweep.csv").open()))
+    assert [(r["curve"], int(r["evaluations"])) for r in rows] == [("ddim", 4), ("dpmpp_2m", 4)]
+    assert all(np.isfinite(float(r["fid"])) and int(r["samples"]) == 8 for r in rows)
+    plots = json.loads(dvc("plots", "show", "--json", cwd=project).stdout)
+    (sweep_plot,) = plots["data"]["reports/sweep.csv"]
+    assert sweep_plot["content"]["encoding"]["color"]["field"] == "curve"
+    assert {d["curve"] for d in sweep_plot["content"]["data"]["values"]} == {"ddim", "dpmpp_2m"}
+    client, (run,) = runs(project)
+    for curve, row in zip(("ddim", "dpmpp_2m"), rows):
+        (metric,) = client.get_metric_history(run.info.run_id, f"sweep/{curve}/fid")
+        assert metric.step == 4 and metric.value == pytest.approx(float(row["fid"]), rel=1e-5)
 
 
 def test_repro_produces_every_output(project):
     for rel in ("models/model.pt", "models/best.pt", "models/checkpoints/last.pt",
+                "reports/sweep.csv",
                 "reports/train.json", "reports/train_fid.csv",
                 "reports/train_loss.csv", "reports/figures/samples.png", "reports/figures/forward.png",
                 "reports/figures/reverse.png", "reports/figures/reverse.gif", "reports/eval.json",
@@ -60,7 +103,7 @@ def test_the_fid_curve_has_a_finite_row_per_epoch_in_the_csv_the_report_and_mlfl
     rows = list(csv.DictReader((project / "reports" / "train_fid.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]  # train.fid_every: 1
     assert all(np.isfinite(float(r["fid"])) and np.isfinite(float(r["kid"])) for r in rows)
-    assert all(int(r["samples"]) == 8 for r in rows)
+    assert all(int(r["samples"]) == 24 for r in rows)
     assert float(rows[0]["seconds"]) < float(rows[1]["seconds"])
     report = json.loads((project / "reports" / "train.json").read_text())
     best = min(rows, key=lambda r: float(r["fid"]))
@@ -90,7 +133,7 @@ def test_the_demo_summary_gives_the_scores_the_fid_curve_and_the_runs_table(proj
     assert f"final FID {result['fid']:.1f}, KID {result['kid']:.4f} on 24 samples" in out
     rows = list(csv.DictReader((project / "reports" / "train_fid.csv").open()))
     curve = " -> ".join(f"{float(r['fid']):.0f} (epoch {r['epoch']})" for r in rows)
-    assert f"in-training FID    {curve}; best" in out and "8 samples each" in out
+    assert f"in-training FID    {curve}; best" in out and "24 samples each" in out
     run = json.loads((project / "reports" / "mlflow_run.json").read_text())
     assert ui_link(run["experiment_id"]) in out and "workflowType=machine_learning" in out
 
@@ -141,30 +184,15 @@ def test_changing_evaluate_never_reruns_reference_and_does_not_fail(project):
     assert found[-1].data.params["evaluate.kid_subsets"] == "7"
 
 
-def test_queued_experiments_land_in_the_repository_store(tmp_path):
-    import time
-
-    root = make_dvc_project(tmp_path / "queue", TINY_PIPELINE)
-    # One experiment: each costs a whole pipeline (~45 s); --temp runs are test_lineage's.
-    dvc("exp", "run", "--queue", "-n", "exp-a", "-S", "train.epochs=1", cwd=root)
-    dvc("queue", "start", cwd=root)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        status = dvc("queue", "status", cwd=root).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    assert "Success" in status and "Failed" not in status, status
-    dvc("queue", "stop", cwd=root, check=False)
-    client, found = runs(root)
-    by_name = {r.data.tags.get("dvc.exp_name"): r for r in found}
-    assert set(by_name) == {"exp-a"}
-    run = by_name["exp-a"]
-    assert run.data.params["train.epochs"] == "1"
-    assert "evaluate/fid" in run.data.metrics and run.info.status == "FINISHED"
-    assert run.data.tags.get("dvc.baseline_rev")
-    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
-    assert "exp-a" in dvc("exp", "show", "--csv", cwd=root).stdout
+def test_changing_sweep_reruns_only_the_sweep(project):
+    set_param(project, "sweep", "num_samples", 12)
+    status = dvc("status", cwd=project).stdout
+    assert "sweep:" in status and "train:" not in status and "generate:" not in status
+    out = dvc("repro", cwd=project).stdout
+    assert "Running stage 'sweep'" in out and "Running stage 'train'" not in out
+    assert "Running stage 'generate'" not in out
+    rows = (project / "reports" / "sweep.csv").read_text().splitlines()
+    assert all(line.endswith(",12") for line in rows[1:])
 
 
 def test_training_survives_an_unreachable_tracking_server(tmp_path):

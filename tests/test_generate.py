@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import TINY_MODEL, TINY_DIFFUSION
@@ -74,18 +75,29 @@ def test_figures_are_written(tmp_path):
     assert Image.open(tmp_path / "reverse.gif").n_frames == 11  # x_T + 10 DDIM steps
 
 
-def test_sample_command_writes_pngs(tmp_path):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_sample_command_writes_the_pngs_generate_samples_gives(tmp_path, sampler):
+    from PIL import Image
+
     model = tiny_model()
     payload = {"config": {"model": {**MODEL.__dict__, "channels": [32, 64], "attention": [False, True]},
                           "diffusion": DIFFUSION.__dict__, "image_size": 16},
                "model": model.state_dict(), "ema": model.state_dict()}
     checkpoint.save(tmp_path / "model.pt", payload)
-    done = subprocess.run([sys.executable, "-m", "ddpm.tools.cli", "sample", "--model", str(tmp_path / "model.pt"),
-                           "-n", "3", "--out", str(tmp_path / "out"), "--steps", "4", "--device", "cpu"],
+    done = subprocess.run([sys.executable, "-m", "ddpm.tools.cli", "sample", "--model",
+                           str(tmp_path / "model.pt"), "-n", "3", "--out", str(tmp_path / "out"),
+                           "--steps", "4", "--device", "cpu", "--sampler", sampler, "--seed", "7"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png", "000002.png"]
-    assert "3 samples (ddim, 4 steps)" in done.stdout
+    files = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in files] == ["000000.png", "000001.png", "000002.png"]
+    assert f"3 samples ({sampler}, 4 steps)" in done.stdout
+    eta = 1.0 if sampler == "dpmpp_2m_sde" else 0.0  # the command's default for each
+    cfg = GenerateConfig(num_samples=3, sampler=sampler, steps=4, eta=eta, seed=7)
+    expected = generate_samples(denoiser(model.eval(), torch.device("cpu")),
+                                make_schedule(DIFFUSION), cfg, 16, torch.device("cpu"))
+    for file, image in zip(files, expected):
+        assert np.array_equal(np.asarray(Image.open(file)), image.transpose(1, 2, 0))
 
 
 def test_small_images_are_shown_enlarged_pixel_for_pixel(tmp_path):

@@ -63,7 +63,7 @@ def test_the_deps_check_sees_a_folder_the_stage_uses_only_part_of():
 
 def test_a_whole_subpackage_is_one_folder_dep():
     deps = code_deps(pipeline()["stages"]["train"])
-    assert {"src/ddpm/model", "src/ddpm/train", "src/ddpm/evaluate"} <= set(deps)
+    assert {"src/ddpm/model", "src/ddpm/train", "src/ddpm/evaluate/fid"} <= set(deps)
     assert "src/ddpm/model/unet.py" in expand_deps(deps)
 
 

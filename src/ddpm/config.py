@@ -32,6 +32,33 @@ def _check_device(key: str, device: str) -> None:
               f"got {device!r}")
 
 
+# The samplers of `ddpm.model.samplers.SAMPLERS` (tests/test_config.py holds the two equal).
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"]
+
+
+def _check_sampling(key: str, sampler: str, steps: int, eta: float, names: tuple[str, str]) -> None:
+    """What each sampler can honour: steps >= 1 (at most diffusion.steps, checked with the
+    diffusion section), eta >= 0, and eta 0 for the deterministic dpmpp_2m, > 0 for its
+    SDE. `names` are the keys of steps and eta in the section (for the messages)."""
+    steps_key, eta_key = f"{key}.{names[0]}", f"{key}.{names[1]}"
+    if steps < 1:
+        _fail(steps_key, f"must be >= 1, got {steps}")
+    if eta < 0:
+        _fail(eta_key, f"must be >= 0, got {eta}")
+    if sampler == "dpmpp_2m" and eta != 0:
+        _fail(eta_key, f"sampler dpmpp_2m (DPM-Solver++(2M), the ODE) adds no noise, so eta "
+              f"must be 0, got {eta}; for noise use sampler dpmpp_2m_sde")
+    if sampler == "dpmpp_2m_sde" and eta == 0:
+        _fail(eta_key, "sampler dpmpp_2m_sde needs eta > 0 (1 = the reverse SDE); eta 0 is "
+              "sampler dpmpp_2m")
+
+
+def _check_steps_fit(key: str, sampler: str, steps: int, diffusion_steps: int) -> None:
+    if sampler != "ddpm" and steps > diffusion_steps:
+        _fail(key, f"{sampler} can take at most diffusion.steps ({diffusion_steps}) model "
+              f"evaluations, got {steps}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["kaggle", "archive", "synthetic"] = "kaggle"
@@ -149,11 +176,14 @@ class TrainConfig:
     cuda_graph: Literal["auto", "on", "off"] = "auto"
     nproc: int = 1  # training processes (one per GPU)
     # In-training FID of the EMA model: every fid_every epochs and the last (0 = never),
-    # on fid_samples DDIM samples of fid_steps steps (eta 0; at most diffusion.steps),
-    # against the reference stats.
+    # on fid_samples samples of fid_sampler over fid_steps model evaluations with fid_eta,
+    # against the reference stats. The defaults are the generate stage's (ddpm, all T
+    # steps), so the curve and the final score are the same measurement.
     fid_every: int = 10
     fid_samples: int = 1000
-    fid_steps: int = 50
+    fid_sampler: Sampler = "ddpm"
+    fid_steps: int = 512
+    fid_eta: float = 0.0
 
     def check(self, key: str) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "nproc"):
@@ -174,8 +204,8 @@ class TrainConfig:
         if self.fid_samples < 2:
             _fail(f"{key}.fid_samples", f"must be >= 2 (FID needs a covariance), "
                   f"got {self.fid_samples}")
-        if self.fid_steps < 1:
-            _fail(f"{key}.fid_steps", f"must be >= 1, got {self.fid_steps}")
+        _check_sampling(key, self.fid_sampler, self.fid_steps, self.fid_eta,
+                        ("fid_steps", "fid_eta"))
         if self.grad_clip < 0:
             _fail(f"{key}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         if self.nproc > 1 and self.device.startswith("cuda:"):
@@ -192,9 +222,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     num_samples: int = 10000
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    steps: int = 512  # reverse steps; ddpm always uses all diffusion.steps
-    eta: float = 0.0  # DDIM noise scale: 0 = deterministic, 1 = ancestral-like
+    sampler: Sampler = "ddpm"
+    steps: int = 512  # model evaluations; ddpm always takes all diffusion.steps
+    # ddim: its noise (0 deterministic, 1 ancestral-like); dpmpp_2m: 0; dpmpp_2m_sde: > 0,
+    # the Langevin part's scale (1 = the reverse SDE); ddpm: unused
+    eta: float = 0.0
     batch_size: int = 500
     seed: int = 1234
     weights: Literal["ema", "raw"] = "ema"
@@ -209,11 +241,10 @@ class GenerateConfig:
     device: str = "auto"
 
     def check(self, key: str) -> None:
-        for name in ("num_samples", "steps", "batch_size", "grid_size"):
+        for name in ("num_samples", "batch_size", "grid_size"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.eta < 0:
-            _fail(f"{key}.eta", f"must be >= 0, got {self.eta}")
+        _check_sampling(key, self.sampler, self.steps, self.eta, ("steps", "eta"))
         if self.variance != "posterior" and self.sampler != "ddpm":
             _fail(f"{key}.variance", f"{self.variance!r} is for sampler 'ddpm'; the "
                   f"{self.sampler} sampler's noise is set by generate.eta. Set "
@@ -239,6 +270,57 @@ class EvaluateConfig:
         _check_device(f"{key}.device", self.device)
 
 
+def default_eta(sampler: str) -> float:
+    """eta where none is given: 1 for dpmpp_2m_sde (the reverse SDE), else 0."""
+    return 1.0 if sampler == "dpmpp_2m_sde" else 0.0
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One sampler setting of the sweep: `steps` model evaluations (ddpm: all T)."""
+
+    sampler: Sampler = "ddim"
+    steps: int = 20
+    eta: Optional[float] = None  # null: the sampler's default (`default_eta`)
+
+    def check(self, key: str) -> None:
+        _check_sampling(key, self.sampler, self.steps, self.noise, ("steps", "eta"))
+
+    @property
+    def noise(self) -> float:
+        return default_eta(self.sampler) if self.eta is None else self.eta
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """FID and KID of the trained model at each `points` setting, on `num_samples` samples
+    (image i from seed (seed, i), so every point samples from the same noise)."""
+
+    num_samples: int = 1000
+    points: tuple[SweepPoint, ...] = (
+        SweepPoint("ddim", 10), SweepPoint("ddim", 20), SweepPoint("ddim", 50),
+        SweepPoint("dpmpp_2m", 10), SweepPoint("dpmpp_2m", 20), SweepPoint("dpmpp_2m", 50))
+    batch_size: int = 500
+    seed: int = 1234
+    clip: bool = True
+    device: str = "auto"
+
+    def check(self, key: str) -> None:
+        if self.num_samples < 2:
+            _fail(f"{key}.num_samples", f"must be >= 2 (FID needs a covariance), got "
+                  f"{self.num_samples}")
+        if self.batch_size < 1:
+            _fail(f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        seen = set()
+        for i, point in enumerate(self.points):
+            setting = (point.sampler, point.steps, point.noise)
+            if setting in seen:
+                _fail(f"{key}.points[{i}]", f"{point.sampler} at {point.steps} steps with eta "
+                      f"{point.noise} is listed twice")
+            seen.add(setting)
+        _check_device(f"{key}.device", self.device)
+
+
 @dataclass(frozen=True)
 class MlflowConfig:
     experiment: str = "ddpm-cars"
@@ -259,6 +341,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def check(self) -> None:
@@ -268,12 +351,16 @@ class Params:
                   f"the U-Net halves the image {len(self.model.channels) - 1} times "
                   f"(model.channels has {len(self.model.channels)} levels), so it must be a "
                   f"multiple of {factor}; got {self.preprocess.image_size}")
-        if self.generate.sampler == "ddim" and self.generate.steps > self.diffusion.steps:
-            _fail("generate.steps", f"DDIM can take at most diffusion.steps "
-                  f"({self.diffusion.steps}) steps, got {self.generate.steps}")
+        T = self.diffusion.steps
+        _check_steps_fit("generate.steps", self.generate.sampler, self.generate.steps, T)
+        _check_steps_fit("train.fid_steps", self.train.fid_sampler, self.train.fid_steps, T)
+        for i, point in enumerate(self.sweep.points):
+            _check_steps_fit(f"sweep.points[{i}].steps", point.sampler, point.steps, T)
 
 
 def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "mappings with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -293,6 +380,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value not in allowed:
             _fail(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
         return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
     if origin is tuple:
         (inner, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

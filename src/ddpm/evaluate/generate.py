@@ -32,9 +32,8 @@ def generate_samples(denoise: Callable, schedule: Schedule, cfg: GenerateConfig,
         indices = range(start + first, start + min(first + cfg.batch_size, count))
         noise = ImageNoise(cfg.seed, indices, device)
         x_T = noise.randn((3, image_size, image_size))
-        x0 = sampler(denoise, schedule, x_T, noise,
-                     steps=steps if cfg.sampler == "ddim" else None, eta=cfg.eta,
-                     clip=cfg.clip, variance=cfg.variance)
+        x0 = sampler(denoise, schedule, x_T, noise, steps=steps, eta=cfg.eta, clip=cfg.clip,
+                     variance=cfg.variance)
         out[first:first + len(indices)] = to_uint8(x0).cpu().numpy()
         if progress is not None:
             progress(len(indices))

@@ -4,7 +4,8 @@ One run measures, with the real pieces on random data (the train stage's own ste
 `train.step.TrainStep`; the samplers; the strip and checkpoint writer; Inception):
 training images/s, TFLOP/s and MFU of the fast path and of plain eager fp32, and their
 ratio; what an epoch's end adds (the reverse strip, the checkpoint wait); sampling
-images/s of DDPM over all T steps and DDIM-50; Inception features/s; peak memory; and
+images/s of DDPM over all T steps and of every other sampler at 50 model evaluations;
+Inception features/s; peak memory; and
 the projected train stage for 300 epochs of the 16,185 Stanford Cars images.
 
 Every timing comes from `torch.utils.benchmark.Timer`: a call timed alone first (it
@@ -29,9 +30,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import atomic
-from ..config import Params, TrainConfig
+from ..config import Params, TrainConfig, default_eta
 from ..model.diffusion import Schedule, make_schedule, schedule_from_betas
-from ..model.samplers import ImageNoise, sample_ddim, sample_ddpm
+from ..model.samplers import SAMPLERS, ImageNoise, sample_ddpm
 from ..model.unet import UNet, count_parameters, forward_flops
 from ..train import checkpoint
 from ..train.callbacks import due
@@ -179,18 +180,19 @@ def time_sampler(sampler: Callable, denoise: Callable, schedule: Schedule, batch
 
 def measure_sampling(params: Params, device: torch.device, batch: int, budget: Budget, *,
                      bf16: bool, channels_last: bool, compiled: bool) -> dict[str, dict]:
-    """DDPM over all T steps and DDIM-50 with an eval-mode U-Net and the fast path's rules."""
+    """Every sampler with an eval-mode U-Net and the fast path's rules: DDPM over all T
+    steps, the others over DDIM_STEPS model evaluations (at most T): equal evaluations,
+    so their images/s differ by the samplers' own work (and their noise draws)."""
     torch.manual_seed(params.train.seed)
     model = UNet(params.model).to(device).eval().requires_grad_(False)
     denoise = denoiser(model, device, "bf16" if bf16 else "fp32", "on" if compiled else "off",
                        channels_last="on" if channels_last else "off")
     schedule = make_schedule(params.diffusion).to(device)
     size, T, figures = params.preprocess.image_size, schedule.T, {}
-    for name, sampler, total, kwargs in (("ddpm", sample_ddpm, T, {}),
-                                         ("ddim", sample_ddim, min(DDIM_STEPS, T),
-                                          {"eta": params.generate.eta})):
+    for name, sampler in SAMPLERS.items():
+        total = T if name == "ddpm" else min(DDIM_STEPS, T)
         fig = time_sampler(sampler, denoise, schedule, batch, size, device, budget,
-                           params.generate.seed, **kwargs)
+                           params.generate.seed, eta=default_eta(name))
         ips = batch / (fig["step_s"] * total)
         figures[name] = {**fig, "steps": total, "batch": batch, "images_per_s": ips,
                          "seconds_10k": SAMPLES / ips}

@@ -49,6 +49,7 @@ REPORT: tuple[tuple[str, str | None], ...] = (
     ("  DDIM-{ddim_steps:<4} {ddim_ips:>9} img/s  ({ddim_step} per step of {sample_batch}; "
      "{ddim_timed} steps timed; first call {ddim_first})  10,000 samples: {ddim_10k}   "
      "{ddim_verdict}", None),
+    ("  at {equal_steps} model evaluations each: {per_sampler}", None),
     ("", None),
     ("inception: unavailable ({inception_unavailable})", "inception_unavailable"),
     ("inception (TF-Inception pool3, fp32, batch {inception_batch}):", "inception_ok"),
@@ -164,6 +165,10 @@ def _values(r: dict[str, Any], params: Any, cuda: bool) -> dict[str, Any]:
                   f"{name}_first": seconds(f["first_call_s"]),
                   f"{name}_10k": seconds(f["seconds_10k"]),
                   f"{name}_verdict": _verdict(r, f"{name}_seconds_10k", shown, cuda)})
+    equal = sampling["ddim"]["steps"]
+    v["equal_steps"] = equal
+    v["per_sampler"] = ", ".join(f"{name} {number(f['batch'] / (f['step_s'] * equal))} img/s"
+                                 for name, f in sampling.items())
     v["inception_unavailable"] = inception.get("unavailable")
     v["inception_ok"] = "unavailable" not in inception
     v["inception_batch"] = inception.get("batch")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
-from ..config import ConfigError, load_params
+from ..config import ConfigError, Sampler, load_params
 from ..stageutil import OneLineParser
 
 
@@ -55,14 +56,31 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from ..evaluate.figures import save_png
     from ..device import resolve_device
 
-    at_least(1, args, "n", "batch_size", "steps")
-    if args.eta < 0:
-        raise ConfigError(f"--eta must be at least 0, got {args.eta}")
+    eta = args.eta if args.eta is not None else (1.0 if args.sampler == "dpmpp_2m_sde" else 0.0)
+
+    def settings(steps: int) -> GenerateConfig:
+        """The generate stage's config and rules, its messages in this command's options."""
+        cfg = GenerateConfig(num_samples=args.n, sampler=args.sampler, steps=steps, eta=eta,
+                             batch_size=args.batch_size, seed=args.seed, weights=args.weights,
+                             clip=not args.no_clip, variance=args.variance)
+        try:
+            cfg.check("generate")
+        except ConfigError as err:
+            message = str(err).removeprefix("params.yaml: generate.")
+            key = message.partition(":")[0]
+            options = {"num_samples": "-n", "batch_size": "--batch-size", "steps": "--steps",
+                       "eta": "--eta", "variance": "--variance"}
+            raise ConfigError(options.get(key, key) + message[len(key):]) from None
+        return cfg
+
+    settings(args.steps or 1)  # before the model loads
     device = resolve_device(args.device)
     model, diffusion_cfg, size = load_model(load(args.model), args.weights, device, args.model)
     steps = args.steps or diffusion_cfg.steps
-    cfg = GenerateConfig(num_samples=args.n, sampler=args.sampler, steps=steps, eta=args.eta,
-                         batch_size=args.batch_size, seed=args.seed, weights=args.weights)
+    if args.sampler != "ddpm" and steps > diffusion_cfg.steps:
+        raise ConfigError(f"--steps: {args.sampler} can take at most the model's "
+                          f"{diffusion_cfg.steps} diffusion steps, got {steps}")
+    cfg = settings(steps)
     started = time.perf_counter()
     with tqdm(total=args.n, desc="sampling", unit="img") as bar:
         samples = generate_samples(denoiser(model, device), make_schedule(diffusion_cfg).to(device),
@@ -140,9 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/model.pt")
     p.add_argument("-n", type=int, default=64, help="number of samples")
     p.add_argument("--out", required=True, help="folder for the PNGs")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: all)")
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--sampler", choices=typing.get_args(Sampler), default="ddim")
+    p.add_argument("--steps", type=int, default=None,
+                   help="model evaluations (default: all T; ddpm always takes T)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="ddim: its noise (default 0); dpmpp_2m_sde: > 0 (default 1, the "
+                        "reverse SDE); dpmpp_2m: 0")
+    p.add_argument("--no-clip", action="store_true",
+                   help="do not clamp the predicted x0 to [-1, 1] (generate.clip: false)")
+    p.add_argument("--variance", choices=["posterior", "beta"], default="posterior",
+                   help="ddpm's sigma_t^2 (generate.variance)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")

@@ -46,7 +46,9 @@ DEMO_OVERRIDES = {
     "train.strip_every": 17,
     "train.fid_every": 17,
     "train.fid_samples": 48,
+    "train.fid_sampler": "ddim",
     "train.fid_steps": 20,
+    "train.fid_eta": 1.0,
     "generate.num_samples": 256,
     "generate.sampler": "ddim",
     "generate.steps": 20,
@@ -55,10 +57,15 @@ DEMO_OVERRIDES = {
     "generate.grid_size": 64,
     "evaluate.kid_subset_size": 100,
     "evaluate.kid_subsets": 50,
+    "sweep.num_samples": 128,
+    "sweep.batch_size": 128,
+    "sweep.points": [{"sampler": "ddim", "steps": 20, "eta": 1.0},
+                     {"sampler": "dpmpp_2m", "steps": 20, "eta": 0.0},
+                     {"sampler": "dpmpp_2m_sde", "steps": 20, "eta": 1.0}],
 }
 
 # What the scratch project needs from the repository.
-COPIED = ("dvc.yaml", "stages", "src")
+COPIED = ("dvc.yaml", "stages", "src", "plots")
 
 
 def repository_root() -> Path:
@@ -128,6 +135,7 @@ def summarize(out: Path) -> None:
     for label, rel in [("training strips", "reports/strips"), ("figures", "reports/figures"),
                        ("training metrics", "reports/train.json"),
                        ("FID during training", "reports/train_fid.csv"),
+                       ("FID by sampler", "reports/sweep.csv"),
                        ("FID / KID", "reports/eval.json"), ("model", "models/model.pt"),
                        ("best weights", "models/best.pt")]:
         if (out / rel).exists():
@@ -147,9 +155,18 @@ def summarize(out: Path) -> None:
             points = " -> ".join(f"{float(r['fid']):.0f} (epoch {r['epoch']})" for r in rows)
             lines.append(f"  in-training FID    {points}; best {report['best_fid']:.1f} at epoch "
                          f"{report['best_epoch']}")
-            lines.append(f"  {'':19s} ({report['fid_samples']} samples each, DDIM eta 0: "
-                         f"higher than the final FID, compare it along the curve; "
+            last = rows[-1]
+            lines.append(f"  {'':19s} ({report['fid_samples']} samples each, {last['sampler']}-"
+                         f"{last['steps']} eta {float(last['eta']):g}: the final FID's sampler; "
                          f"`dvc plots show`, or train/fid in MLflow)")
+    sweep = out / "reports" / "sweep.csv"
+    if sweep.exists():
+        import csv
+
+        for row in csv.DictReader(sweep.read_text().splitlines()):
+            lines.append(f"  {'sweep':19s} {row['curve']:>14} {int(row['evaluations']):>4} "
+                         f"evaluations: FID {float(row['fid']):6.1f}, KID "
+                         f"{float(row['kid']):.4f}, {float(row['images_per_s']):.1f} img/s")
     if (out / "mlflow.db").exists():
         run = json.loads((out / "reports" / "mlflow_run.json").read_text())
         lines.append(f"  {'tracking (MLflow)':19s} mlflow ui --backend-store-uri "

@@ -1,8 +1,10 @@
 """FID while training: a curve per run, and the weights that scored best.
 
 Every `train.fid_every` epochs (and at the last; 0 = never) `TrainFid` samples
-`train.fid_samples` images from the EMA model with DDIM over `train.fid_steps`
-steps, eta 0, through the fast-path denoiser. Image i always starts from the
+`train.fid_samples` images from the EMA model with `train.fid_sampler` over
+`train.fid_steps` model evaluations with `train.fid_eta` (by default the generate
+stage's sampling, so the curve and the final score are one measurement), through
+the fast-path denoiser. Image i always starts from the
 noise of seed (train.seed, i), so two evaluations differ only by the weights:
 the curve is not sampling noise. They are scored against the reference
 statistics (the reference stage's) with `fid.scores`, the pipeline's one FID,
@@ -41,7 +43,7 @@ from .callbacks import AtCadence
 from ..config import GenerateConfig
 from ..model.diffusion import Schedule
 from ..evaluate.generate import generate_samples
-from ..model.samplers import Denoiser
+from ..model.samplers import Denoiser, sampler_steps
 from .step import TrainState
 from .loop import EpochSummary, final_weights
 
@@ -60,11 +62,13 @@ class FidEvaluator:
     def __init__(self, reference: dict[str, Any], samples: int, steps: int, schedule: Schedule,
                  image_size: int, seed: int, device: torch.device,
                  fast: Callable[[torch.nn.Module], Denoiser],
-                 network: Optional[torch.nn.Module] = None, feature_batch: int = 100):
+                 network: Optional[torch.nn.Module] = None, feature_batch: int = 100,
+                 sampler: str = "ddim", eta: float = 0.0):
         self.reference, self.schedule, self.size, self.device = reference, schedule, image_size, device
         # Every sampling setting is written here: none comes from GenerateConfig's defaults.
-        self.cfg = GenerateConfig(num_samples=samples, sampler="ddim",
-                                  steps=min(steps, schedule.T), eta=0.0,
+        # clip and variance are the generate stage's defaults.
+        self.cfg = GenerateConfig(num_samples=samples, sampler=sampler,
+                                  steps=sampler_steps(sampler, schedule, steps), eta=eta,
                                   batch_size=min(samples, SAMPLE_BATCH), seed=seed, clip=True,
                                   variance="posterior")
         self.fast, self.network, self.feature_batch = fast, network, feature_batch

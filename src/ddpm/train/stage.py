@@ -292,7 +292,8 @@ def fid_evaluator(params: Params, reference: dict[str, Any], size: int,
                         make_schedule(params.diffusion).to(device), size, cfg.seed, device,
                         fast=lambda model: denoiser(model, device, cfg.precision, cfg.compile,
                                                     cfg.compile_mode, cfg.channels_last),
-                        feature_batch=params.evaluate.batch_size)
+                        feature_batch=params.evaluate.batch_size, sampler=cfg.fid_sampler,
+                        eta=cfg.fid_eta)
 
 
 class Rank0:
@@ -314,7 +315,8 @@ class Rank0:
                                  "train/fid_eval_seconds": row["eval_seconds"]},
                                 step=row["step"])
             log(f"epoch {row['epoch']}: FID {row['fid']:.2f}, KID {row['kid']:.4f} on "
-                f"{row['samples']} DDIM-{row['steps']} samples ({row['eval_seconds']:.1f} s); "
+                f"{row['samples']} {row['sampler']}-{row['steps']} samples "
+                f"({row['eval_seconds']:.1f} s); "
                 f"best FID {best['fid']:.2f} at epoch {best['epoch']}")
 
         # One writer for the best weights and the checkpoints, in call order: the best
