@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpm import atomic, stageutil  # noqa: E402
 from ddpm.evaluate import fid  # noqa: E402
 from ddpm.config import flatten  # noqa: E402
-from ddpm.tracking import Tracker, select  # noqa: E402
+from ddpm.tracking import Tracker, dataset_op, select  # noqa: E402
 
 
 def main() -> None:
@@ -37,11 +37,19 @@ def main() -> None:
     if scored["count_a"] < 2048:
         result["note"] = "fewer than 2,048 samples: FID is biased upwards (covariance not full rank)"
     atomic.write_json(args.out, result)
+    meta = fid.load_stats(args.reference)["meta"]
+    reference = dataset_op("reference statistics", f"file:{args.reference.as_posix()}",
+                           meta.get("dataset_sha256", "unknown"), "evaluation",
+                           {"count": meta.get("count"), "network": meta.get("network")})
     tracker = Tracker(params.mlflow)
     with tracker.start_for_evaluation(args.generate_run, select(flatten(params), "evaluate"),
                                       args.run_file):
+        tracker.log_dataset(reference)
+        # Attached to the logged model the samples came from (generate.checkpoint's).
+        model = tracker.model_id("best" if tracker.param("generate.checkpoint") == "best"
+                                 else "final")
         tracker.log_metrics({f"evaluate/{k}": v for k, v in result.items()
-                             if isinstance(v, (int, float))})
+                             if isinstance(v, (int, float))}, model_id=model, dataset=reference)
         tracker.log_artifact(args.out, "reports")
     kid = f", KID {result['kid']:.5f} ± {result['kid_std']:.5f}" if cfg.kid else ""
     stageutil.log(f"FID {result['fid']:.2f}{kid} on {result['num_samples']} samples -> {args.out}")

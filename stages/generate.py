@@ -11,8 +11,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import atomic, stageutil  # noqa: E402
-from ddpm.train import checkpoint  # noqa: E402
-from ddpm.train.checkpoint import CheckpointError  # noqa: E402
+from ddpm.evaluate import model_file  # noqa: E402
+from ddpm.evaluate.model_file import CheckpointError  # noqa: E402
 from ddpm.config import ConfigError, flatten  # noqa: E402
 from ddpm.model.diffusion import make_schedule  # noqa: E402
 from ddpm.train.fastpath import denoiser  # noqa: E402
@@ -39,13 +39,13 @@ def main() -> None:
     # The real images for the forward strip, read (and checked) before any sampling.
     real = load_processed(args.data)[0] if args.data.exists() else None
     path = args.best if cfg.checkpoint == "best" else args.model
-    payload = checkpoint.load(path, hint="rerun the train stage (dvc repro train)")
+    payload = model_file.load(path, hint="rerun the train stage (dvc repro train)")
     selected = payload.get("selected", {})
     if cfg.checkpoint == "best":
         stageutil.log(f"generate.checkpoint is best: {path}, selected by {selected.get('by')}"
                       + (f" (epoch {selected['epoch']}, FID {selected['fid']:.2f} on "
                          f"{selected['samples']} samples)" if "fid" in selected else ""))
-    model, diffusion_cfg, size = checkpoint.load_model(payload, cfg.weights, device, path)
+    model, diffusion_cfg, size = model_file.load_model(payload, cfg.weights, device, path)
     if cfg.sampler != "ddpm" and cfg.steps > diffusion_cfg.steps:
         raise ConfigError(f"params.yaml: generate.steps: the model was trained with "
                           f"{diffusion_cfg.steps} diffusion steps; {cfg.sampler} can take at "

@@ -19,7 +19,7 @@ from ddpm.evaluate import fid  # noqa: E402
 from ddpm.evaluate.sweep import run_sweep, sweep_csv  # noqa: E402
 from ddpm.model.diffusion import make_schedule  # noqa: E402
 from ddpm.tracking import Tracker, select  # noqa: E402
-from ddpm.train import checkpoint  # noqa: E402
+from ddpm.evaluate import model_file  # noqa: E402
 from ddpm.train.fastpath import denoiser  # noqa: E402
 
 
@@ -36,8 +36,8 @@ def main() -> None:
 
     # Every check before any sampling: the device, the model, the steps, the reference.
     device = resolve_device(cfg.device)
-    payload = checkpoint.load(args.model, hint="rerun the train stage (dvc repro train)")
-    model, diffusion_cfg, size = checkpoint.load_model(payload, "ema", device, args.model)
+    payload = model_file.load(args.model, hint="rerun the train stage (dvc repro train)")
+    model, diffusion_cfg, size = model_file.load_model(payload, "ema", device, args.model)
     for i, point in enumerate(cfg.points):
         if point.sampler != "ddpm" and point.steps > diffusion_cfg.steps:
             raise ConfigError(f"params.yaml: sweep.points[{i}].steps: the model was trained "
@@ -68,5 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stageutil.run(main, expected=(checkpoint.CheckpointError, fid.FidInputError,
+    stageutil.run(main, expected=(model_file.CheckpointError, fid.FidInputError,
                                   fid.FidWeightsError))

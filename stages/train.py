@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpm.evaluate import fid  # noqa: E402
 from ddpm import stageutil  # noqa: E402
 from ddpm.train import stage as train_stage  # noqa: E402
-from ddpm.train.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
+from ddpm.evaluate.model_file import CheckpointError  # noqa: E402
+from ddpm.train.checkpoint import CheckpointWriteError  # noqa: E402
 from ddpm.data.processed import ProcessedDataError  # noqa: E402
 from ddpm.train.step import CaptureError  # noqa: E402
 from ddpm.train.loop import NonFiniteLossError  # noqa: E402

@@ -162,6 +162,7 @@ def test_gpu_indices_and_process_counts_are_checked_against_the_machine(monkeypa
 def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
     """What torch says when the disk fills mid-write (seen 2026-12-02) becomes a line that
     says so; the previous file stays, and no temporary file is left."""
+    from ddpm.evaluate import model_file
     from ddpm.train import checkpoint
 
     path = tmp_path / "last.pt"
@@ -183,5 +184,5 @@ def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeyp
     assert f"writing {path} failed: the disk is full" in message
     assert "the previous file was left as it was" in message
     monkeypatch.undo()
-    assert checkpoint.load(path)["epoch"] == 1
+    assert model_file.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

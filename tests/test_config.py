@@ -37,6 +37,9 @@ def test_repository_params_load_and_match_the_seed():
     ("generate", "variance", "large", ["generate.variance", "posterior", "beta"]),
     ("model", "attention_norm", "no", ["model.attention_norm", "true or false"]),
     ("train", "cuda_graph", "yes", ["train.cuda_graph", "auto", "on", "off"]),
+    ("mlflow", "registered_model", "cars/v1", ["mlflow.registered_model", "models:/",
+                                               "or ''"]),
+    ("mlflow", "log_model", "maybe", ["mlflow.log_model", "true or false"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, fragments):
     raw = raw_params()
@@ -45,6 +48,15 @@ def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, fragme
         params_from_dict(raw)
     for fragment in fragments:
         assert fragment in str(err.value)
+
+
+def test_registering_needs_the_model_logged():
+    raw = raw_params()
+    raw["mlflow"]["log_model"] = False
+    with pytest.raises(ConfigError, match="registering needs mlflow.log_model: true"):
+        params_from_dict(raw)
+    raw["mlflow"]["registered_model"] = ""
+    assert not params_from_dict(raw).mlflow.log_model
 
 
 def test_unknown_section_and_archive_without_path():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, TINY_MODEL, write_params, write_processed
-from ddpm.train import checkpoint
+from ddpm.evaluate import model_file
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
@@ -38,7 +38,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             cwd=tmp_path, capture_output=True, text=True, timeout=300,
             env={"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
         assert done.returncode == 0, done.stdout + done.stderr
-        outputs[procs] = checkpoint.load(work / "model.pt")
+        outputs[procs] = model_file.load(work / "model.pt")
         assert outputs[procs]["step"] == 8
     one, two = outputs[1]["model"], outputs[2]["model"]
     # Adam turns float-rounding differences of near-zero gradients into
@@ -92,10 +92,10 @@ def test_a_killed_launcher_takes_its_workers_with_it_and_the_run_resumes(tmp_pat
         os.kill(int(line.split()[0]), signal.SIGKILL)
     assert not orphans
     assert not (tmp_path / "models" / "model.pt").exists()  # it did not train on unseen
-    epoch = checkpoint.load(ckpt)["epoch"]
+    epoch = model_file.load(ckpt)["epoch"]
     assert 1 <= epoch < 8
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resuming from models/checkpoints/last.pt at epoch {epoch}" in done.stdout
-    assert checkpoint.load(tmp_path / "models" / "model.pt")["epoch"] == 8
+    assert model_file.load(tmp_path / "models" / "model.pt")["epoch"] == 8

@@ -1,12 +1,20 @@
 """The whole pipeline through `dvc repro` on tiny synthetic data, with MLflow tracking."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import dvc, make_dvc_project, tiny
 
@@ -150,8 +158,138 @@ def test_the_run_holds_params_metrics_images_and_tags(project):
     assert run.data.tags["ddpm.data_source"] == "synthetic"
     assert len(run.data.tags["ddpm.dataset_hash"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "figures"} <= artifacts
+    assert "figures" in artifacts
     assert (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+
+
+# --- the model in MLflow -----------------------------------------------------------
+
+REGISTERED = "ddpm-stanford-cars"
+
+
+def test_the_train_run_registers_its_model_with_its_scores(project):
+    client, found = runs(project)
+    run = found[0]
+    version = client.get_model_version(REGISTERED, "1")
+    assert version.run_id == run.info.run_id
+    manifest = json.loads((project / "data/processed/manifest.json").read_text())
+    assert version.tags["ddpm.dataset_sha256"] == manifest["sha256"]
+    assert version.tags["git.commit"] == run.data.tags["mlflow.source.git.commit"]
+    model = client.get_logged_model(run.data.tags["ddpm.model_id"])
+    assert (model.name, str(model.status), model.source_run_id) == \
+        ("final", "READY", run.info.run_id)
+    assert version.source == f"models:/{model.model_id}"
+    linked = {m.key: m for m in model.metrics}
+    report = json.loads((project / "reports/train.json").read_text())
+    # The last in-training FID (at the final step) and the evaluate stage's scores.
+    assert linked["train/fid"].value == pytest.approx(report["final_fid"])
+    assert linked["train/fid"].step == report["steps"]
+    evaluated = json.loads(first(project, "eval.json").read_text())
+    assert linked["evaluate/fid"].value == pytest.approx(evaluated["fid"])
+    assert linked["evaluate/fid"].dataset_name == "reference statistics"
+    assert "evaluate/kid" in linked
+    # models/best.pt is a second logged model when another epoch scored best.
+    best_tag = run.data.tags.get("ddpm.best_model_id")
+    assert (best_tag is not None) == (report["best_epoch"] != report["epochs"])
+    assert len(client.search_registered_models()) == 1
+
+
+def test_the_run_lists_its_training_and_evaluation_data(project):
+    _, found = runs(project)
+    inputs = {i.dataset.name: i for i in found[0].inputs.dataset_inputs}
+    manifest = json.loads((project / "data/processed/manifest.json").read_text())
+    training = inputs["synthetic-cars"]
+    assert {t.key: t.value for t in training.tags}["mlflow.data.context"] == "training"
+    assert manifest["sha256"].startswith(training.dataset.digest)
+    assert json.loads(training.dataset.source)["uri"] == "synthetic:seed=0,count=40"
+    profile = json.loads(training.dataset.profile)
+    assert (profile["sha256"], profile["count"], profile["image_size"]) == \
+        (manifest["sha256"], 40, 16)
+    reference = inputs["reference statistics"]
+    assert {t.key: t.value for t in reference.tags}["mlflow.data.context"] == "evaluation"
+
+
+def _predict_in_fresh_process(project, out, request):
+    script = (f"import json, numpy, mlflow\n"
+              f"model = mlflow.pyfunc.load_model('models:/{REGISTERED}/1')\n"
+              f"numpy.save({str(out)!r}, model.predict(json.loads({json.dumps(request)!r})))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True,
+                          text=True, timeout=300, env={
+                              **os.environ, "MLFLOW_TRACKING_URI":
+                              f"sqlite:///{project / 'mlflow.db'}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out)
+
+
+def _ddpm_sample(project, out, *args):
+    done = subprocess.run([sys.executable, "-m", "ddpm.tools.cli", "sample", "--model",
+                           str(project / "models/model.pt"), "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(out.glob("*.png"))])
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("dpmpp_2m_sde", 1.0)])
+def test_the_registered_model_samples_what_ddpm_sample_does(project, tmp_path, sampler, eta):
+    request = {"num_samples": 3, "seed": 5, "sampler": sampler, "steps": 4, "eta": eta}
+    images = _predict_in_fresh_process(project, tmp_path / "predicted.npy", request)
+    assert images.dtype == np.uint8 and images.shape == (3, 16, 16, 3)
+    sampled = _ddpm_sample(project, tmp_path / "png", "-n", "3", "--seed", "5", "--sampler",
+                           sampler, "--steps", "4", "--eta", str(eta))
+    np.testing.assert_array_equal(images, sampled)
+
+
+def test_the_model_serves_images_and_refuses_bad_requests_with_one_message(project, tmp_path):
+    from test_tracking import free_port
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED}/1",
+         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def post(body):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        began = time.monotonic()
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() - began < 180, "mlflow models serve did not start"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        status, reply = post({"inputs": {"num_samples": 2, "seed": 5, "sampler": "ddim",
+                                         "steps": 4, "eta": 0.0}})
+        assert status == 200
+        images = np.asarray(reply["predictions"], dtype=np.uint8)
+        sampled = _ddpm_sample(project, tmp_path / "png", "-n", "2", "--seed", "5",
+                               "--sampler", "ddim", "--steps", "4")
+        np.testing.assert_array_equal(images, sampled)
+        for body, says in [({"inputs": {"num_samples": -1}}, "num_samples: must be 1 to"),
+                           ({"inputs": {"num_samples": 100000}}, "num_samples: must be 1 to"),
+                           ({"inputs": {"sampler": "euler"}}, "unknown sampler 'euler'"),
+                           ({"inputs": {"steps": 999}}, "at most the model's diffusion steps"),
+                           ({"inputs": {"colour": "red"}}, "unknown request key(s) colour")]:
+            status, reply = post(body)
+            assert status == 400, (body, reply)
+            assert says in reply["message"] and "Traceback" not in json.dumps(reply), reply
+            assert "stack_trace" not in reply
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
 
 
 def test_changing_generate_reruns_only_generate_and_evaluate_in_a_new_run(project):
@@ -216,5 +354,22 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
                      "--run-file", str(tmp_path / "run.json"), cwd=tmp_path,
                      env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "DVC_ROOT": str(tmp_path)})
     assert (tmp_path / "model.pt").exists()
-    assert list((tmp_path / ".mlflow-spool").glob("*.jsonl"))
+    spooled = list((tmp_path / ".mlflow-spool").glob("*.jsonl"))
+    assert len(spooled) == 1
     assert done.stderr.count("spool") >= 1
+    # The model went to the spool with the rest, with one warning for all of it...
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: tracking")]
+    assert len(warnings) <= 2, warnings
+    ops = [json.loads(line)["op"] for line in spooled[0].read_text().splitlines()]
+    assert ops.count("model") == 1 and ops.count("dataset") == 1
+    # ... and a replay logs and registers it, once however often it is replayed.
+    import mlflow
+    from ddpm.tracking import replay_spool
+
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    run_id = replay_spool(spooled[0], tracking_uri=uri)
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    version = client.get_model_version("ddpm-stanford-cars", "1")
+    assert version.run_id == run_id and version.source == f"models:/{run.data.tags['ddpm.model_id']}"
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["synthetic-cars"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, TINY_MODEL, dvc, make_dvc_project
+from ddpm.evaluate import model_file
 from ddpm.train import checkpoint, stage as train_stage
 from ddpm.evaluate import fid
 from ddpm.config import DiffusionConfig, TrainConfig, params_from_dict
@@ -28,14 +29,14 @@ def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path):
         **TINY, "data": {"source": "synthetic", "synthetic_count": 16},
         "train": {"epochs": 2, "batch_size": 8, "strip_every": 0, "compile": "off"}})
     dvc("repro", "train", cwd=root)
-    before = checkpoint.load(root / "models" / "model.pt")
+    before = model_file.load(root / "models" / "model.pt")
     unet = root / "src" / "ddpm" / "model" / "unet.py"
     unet.write_text(unet.read_text().replace("return self.head(h)\n",
                                              "return self.head(h) * 1.01\n", 1))
     out = dvc("repro", "train", cwd=root).stdout
     assert "not resuming from models/checkpoints/last.pt: it was made by other code " \
            "(src/ddpm/model/unet.py changed); training from scratch" in out, out
-    after = checkpoint.load(root / "models" / "model.pt")
+    after = model_file.load(root / "models" / "model.pt")
     assert after["step"] == before["step"] == 4  # trained again, from scratch
     assert not all(torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"])
     # The unchanged code resumes its own finished checkpoint: nothing trains again.
@@ -100,11 +101,11 @@ def rows(paths):
 def assert_same_results(a, b):
     """Two train stage runs ended with the same weights, best weights, history and files."""
     for name in ("model", "best"):
-        x, y = checkpoint.load(getattr(a, name)), checkpoint.load(getattr(b, name))
+        x, y = model_file.load(getattr(a, name)), model_file.load(getattr(b, name))
         for key in ("model", "ema"):
             assert all(torch.equal(x[key][k], y[key][k]) for k in x[key]), (name, key)
         assert x["epoch"] == y["epoch"]
-    sa, sb = (checkpoint.load(p.best)["selected"] for p in (a, b))
+    sa, sb = (model_file.load(p.best)["selected"] for p in (a, b))
     assert {k: v for k, v in sa.items() if k != "seconds"} == \
         {k: v for k, v in sb.items() if k != "seconds"}
     assert rows(a) == rows(b)
@@ -118,7 +119,7 @@ def test_a_kill_between_the_writes_resumes_to_the_uninterrupted_result(
         tmp_path, monkeypatch, scripted_fid, fault):
     params, straight = stage_setup(tmp_path, "straight")
     run_stage_here(params, straight)
-    assert checkpoint.load(straight.best)["selected"]["epoch"] == 4
+    assert model_file.load(straight.best)["selected"]["epoch"] == 4
 
     _, killed = stage_setup(tmp_path, "killed")
     with monkeypatch.context() as patch:
@@ -142,7 +143,7 @@ def test_a_kill_between_the_writes_resumes_to_the_uninterrupted_result(
             patch.setattr(train_stage, "prune_best", prune)
         with pytest.raises(checkpoint.CheckpointWriteError):
             run_stage_here(params, killed)
-    saved = checkpoint.load(killed.checkpoint)
+    saved = model_file.load(killed.checkpoint)
     on_disk = sorted(p.name for p in killed.checkpoints.glob("best-*.pt"))
     assert on_disk == ["best-epoch0001.pt", "best-epoch0002.pt"]
     assert saved["epoch"] == (1 if fault.startswith("after the best file") else 2)
@@ -167,7 +168,7 @@ def test_a_kill_between_the_writes_resumes_to_the_uninterrupted_result(
 
     run_stage_here(params, killed)  # the resume
     assert_same_results(straight, killed)
-    assert checkpoint.load(killed.checkpoint)["extra"]["fid_best"]["epoch"] == 4
+    assert model_file.load(killed.checkpoint)["extra"]["fid_best"]["epoch"] == 4
 
 
 def test_a_resume_with_other_fid_settings_chooses_the_best_among_the_new_ones(
@@ -181,9 +182,9 @@ def test_a_resume_with_other_fid_settings_chooses_the_best_among_the_new_ones(
     history = rows(paths)
     assert [(int(r["epoch"]), int(r["samples"])) for r in history] == \
         [(1, 8), (2, 8), (3, 8), (4, 8), (4, 12)]
-    selected = checkpoint.load(paths.best)["selected"]
+    selected = model_file.load(paths.best)["selected"]
     assert (selected["epoch"], selected["samples"]) == (4, 12)
-    assert checkpoint.load(paths.checkpoint)["extra"]["fid"][-1]["samples"] == 12
+    assert model_file.load(paths.checkpoint)["extra"]["fid"][-1]["samples"] == 12
 
 
 # ---------------------------------------------------------------- the optimizer, capture
@@ -207,7 +208,7 @@ def test_a_resumed_optimizer_runs_this_devices_adam(tmp_path):
     with pytest.raises(Crash):
         train(data, diffusion, TINY_MODEL, cfg, device=cpu,
               callbacks=(Checkpointer(path, {}, every=1, epochs=2), CrashAt(1)))
-    saved = checkpoint.load(path)
+    saved = model_file.load(path)
     for group in saved["optimizer"]["param_groups"]:
         group.update(fused=True, capturable=True, foreach=False)
     resumed = train(data, diffusion, TINY_MODEL, cfg, device=cpu, resume=saved)

@@ -346,6 +346,13 @@ def assert_complete(client: "mlflow.MlflowClient", run) -> None:
     assert client.get_metric_history(run.info.run_id, "train/loss")
     assert client.get_metric_history(run.info.run_id, "train/fid")
     assert {"evaluate/fid", "evaluate/kid"} <= set(run.data.metrics)
+    # Its model is logged in the same store, scored, and registered from its training run.
+    trained_in = run.data.tags.get("ddpm.train_run_id", run.info.run_id)
+    model = client.get_logged_model(run.data.tags["ddpm.model_id"])
+    assert str(model.status) == "READY" and model.source_run_id == trained_in
+    assert {"train/fid", "evaluate/fid"} <= {m.key for m in model.metrics}
+    versions = client.search_model_versions(f"run_id = '{trained_in}'")
+    assert [v.name for v in versions] == ["ddpm-stanford-cars"]
 
 
 def git_commit(root: Path, message: str) -> None:
@@ -412,7 +419,10 @@ def test_a_shared_tracking_server_gets_the_pipeline_and_a_queued_experiment(
         assert (first.data.params["generate.steps"], queued.data.params["generate.steps"]) \
             == ("5", "3")
         artifacts = {a.path for a in client.list_artifacts(first.info.run_id)}
-        assert {"model", "figures"} <= artifacts
+        assert "figures" in artifacts
+        # The queued experiment reused the model: one logged, one registered version.
+        assert queued.data.tags["ddpm.model_id"] == first.data.tags["ddpm.model_id"]
+        assert len(client.search_model_versions("name = 'ddpm-stanford-cars'")) == 1
         assert list((tmp_path / "server" / "server-artifacts").rglob("samples.png"))
         assert not (root / "mlflow.db").exists() and not (root / tracking.SPOOL_DIR).exists()
     finally:

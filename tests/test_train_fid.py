@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_DIFFUSION, TINY_MODEL, Crash, CrashAt
 
-from ddpm.train import checkpoint
+from ddpm.evaluate import model_file
 from ddpm.train.callbacks import Checkpointer
 from ddpm.config import TrainConfig
 from ddpm.train.fid_curve import FidEvaluator, TrainFid, best_file, continue_best, summary_fields
@@ -101,7 +101,7 @@ def test_resume_keeps_the_history_and_the_best(tmp_path):
     best_before = torch.load(best_file(tmp_path, 2), weights_only=True)
     rest = Scripted(fids[2:])
     state = train(images(), DIFFUSION, MODEL, cfg(epochs=4), device=CPU,
-                  resume=checkpoint.load(ckpt), callbacks=(fid_callback(tmp_path, rest, 1, 4),))
+                  resume=model_file.load(ckpt), callbacks=(fid_callback(tmp_path, rest, 1, 4),))
     assert [r["epoch"] for r in state.extra["fid"]] == [1, 2, 3, 4]
     assert [r["fid"] for r in state.extra["fid"]] == fids
     assert len(rest.seen) == 2

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, TINY_MODEL, Crash, CrashAt, run_stage, write_params, write_processed
+from ddpm.evaluate import model_file
 from ddpm.train import checkpoint
 from ddpm.train.callbacks import Checkpointer
 from ddpm.config import DiffusionConfig, TrainConfig
@@ -89,7 +90,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     with pytest.raises(NonFiniteLossError, match="last checkpoint"):
         train(images(), DIFFUSION, MODEL, cfg(epochs=5), device=torch.device("cpu"),
               callbacks=(saver,))
-    saved = checkpoint.load(path)
+    saved = model_file.load(path)
     assert saved["epoch"] == 1 and saved["step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
@@ -121,7 +122,7 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    interrupted_at = checkpoint.load(ckpt)["epoch"]
+    interrupted_at = model_file.load(ckpt)["epoch"]
     assert 1 <= interrupted_at < 5, "the run was not interrupted mid-training"
     assert not (killed / "model.pt").exists()
     # What a kill in the middle of a checkpoint's write leaves (SIGKILL skips the cleanup).
@@ -132,7 +133,7 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path):
     assert f"resuming from {ckpt} at epoch {interrupted_at}" in done.stdout
     assert f"removed {half_written}" in done.stdout
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.pt"]
-    a, b = checkpoint.load(straight / "model.pt"), checkpoint.load(killed / "model.pt")
+    a, b = model_file.load(straight / "model.pt"), model_file.load(killed / "model.pt")
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert (killed / "reports" / "train_loss.csv").read_text() != ""
@@ -177,7 +178,7 @@ def test_a_background_checkpoint_holds_the_state_of_its_call(tmp_path, monkeypat
     saver.save(tmp_path / "b.pt", {"w": weights, "history": history})  # refills the buffers
     weights += 100
     saver.wait()
-    a, b = checkpoint.load(tmp_path / "a.pt"), checkpoint.load(tmp_path / "b.pt")
+    a, b = model_file.load(tmp_path / "a.pt"), model_file.load(tmp_path / "b.pt")
     assert torch.equal(a["w"], torch.arange(6.0).view(2, 3)) and a["history"] == [{"loss": 1.0}]
     assert torch.equal(b["w"], torch.arange(6.0).view(2, 3) + 100) and len(b["history"]) == 2
 
@@ -190,7 +191,7 @@ def test_a_failed_background_write_is_raised_and_keeps_the_previous_checkpoint(t
     saver.save(path, {"epoch": 2, "bad": lambda: None})  # torch.save cannot pickle a lambda
     with pytest.raises(checkpoint.CheckpointWriteError, match="previous file was left"):
         saver.wait()
-    assert checkpoint.load(path)["epoch"] == 1
+    assert model_file.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
     saver.wait()  # the error was reported once
 
@@ -200,7 +201,7 @@ def test_train_waits_for_the_last_checkpoint_before_returning(tmp_path, monkeypa
     path = tmp_path / "last.pt"
     state = train(images(), DIFFUSION, MODEL, cfg(epochs=2), device=torch.device("cpu"),
                   callbacks=(Checkpointer(path, {"run": 1}, every=1, epochs=2),))
-    saved = checkpoint.load(path)  # no wait here: train() has closed the checkpointer
+    saved = model_file.load(path)  # no wait here: train() has closed the checkpointer
     assert saved["epoch"] == 2 and saved["step"] == state.step
 
 
@@ -223,8 +224,8 @@ def test_a_resumed_run_with_dropout_ends_with_identical_weights(tmp_path):
     torch.manual_seed(12345)  # whatever the process drew meanwhile
     torch.rand(100)
     resumed = train(images(), DIFFUSION, dropped, cfg(epochs=3), device=cpu,
-                    resume=checkpoint.load(path))
-    assert checkpoint.load(path)["epoch"] == 1 and resumed.epoch == 3
+                    resume=model_file.load(path))
+    assert model_file.load(path)["epoch"] == 1 and resumed.epoch == 3
     for a, b in ((straight.model, resumed.model), (straight.ema.model, resumed.ema.model)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                      b.state_dict().values()))

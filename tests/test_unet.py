@@ -60,6 +60,7 @@ def test_attention_norm_decides_whether_the_attention_input_is_normalised():
 
 
 def test_a_model_saved_before_attention_norm_existed_loads_as_normalised(tmp_path):
+    from ddpm.evaluate import model_file
     from ddpm.train import checkpoint
 
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def test_a_model_saved_before_attention_norm_existed_loads_as_normalised(tmp_pat
     payload = {"config": {"model": model_cfg, "diffusion": {"steps": 40}, "image_size": 16},
                "model": legacy.state_dict(), "ema": legacy.state_dict()}
     checkpoint.save(tmp_path / "model.pt", payload)
-    loaded, _, size = checkpoint.load_model(checkpoint.load(tmp_path / "model.pt"))
+    loaded, _, size = model_file.load_model(model_file.load(tmp_path / "model.pt"))
     assert loaded.config.attention_norm is True and size == 16
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
     with torch.no_grad():

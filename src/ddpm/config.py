@@ -9,6 +9,7 @@ Each component is then handed only its own section.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -326,10 +327,22 @@ class MlflowConfig:
     experiment: str = "ddpm-cars"
     tracking_uri: Optional[str] = None  # null = sqlite:///mlflow.db at the repository root
     enabled: bool = True
+    # The train stage logs its final (and best) EMA model as an MLflow LoggedModel that
+    # samples cars, and registers the final one as a new version of this model ("" = none).
+    log_model: bool = True
+    registered_model: str = "ddpm-stanford-cars"
 
     def check(self, key: str) -> None:
         if not self.experiment:
             _fail(f"{key}.experiment", "must be a non-empty name")
+        if self.registered_model and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*",
+                                                      self.registered_model):
+            _fail(f"{key}.registered_model", f"{self.registered_model!r}: use letters, digits, "
+                  f"'.', '_', '-' and spaces (it is part of models:/<name>/<version>), or '' "
+                  f"for no registration")
+        if self.registered_model and not self.log_model:
+            _fail(f"{key}.registered_model", "registering needs mlflow.log_model: true (or set "
+                  "registered_model: '')")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
     generate.py  samples from a denoiser (each image its own seed) and the generate
                  stage's figures
     figures.py   PNG grids, strips and GIFs of uint8 images
+    model_file.py a trained model's file read back (weights_only) and its U-Net rebuilt:
+                 what generate, the sweep, `ddpm sample` and the MLflow model sample from
 
 May import: the top-level modules, `ddpm.model`, `ddpm.data.formats`, torch, numpy,
 scipy, Pillow. Never training or tracking. This file imports nothing, so the evaluate

@@ -6,18 +6,51 @@ change with the batch size or the number of devices.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 
-from ..config import GenerateConfig
+from ..config import ConfigError, GenerateConfig, Sampler, _check_steps_fit, default_eta
 from ..model.diffusion import Schedule
 from .figures import save_gif, save_grid, save_strip
 from ..model.pixels import to_model, to_uint8
 from ..model.samplers import (ImageNoise, forward_frames, get_sampler, sample_with_frames,
                              sampler_steps)
+
+
+def request_config(diffusion_steps: Optional[int], *, num_samples: int, sampler: str,
+                   steps: Optional[int] = None, eta: Optional[float] = None,
+                   batch_size: int = 256, seed: int = 0, weights: str = "ema",
+                   clip: bool = True, variance: str = "posterior",
+                   names: Mapping[str, str] = {}) -> GenerateConfig:
+    """The settings of a request for samples outside the pipeline (`ddpm sample`, the MLflow
+    model), checked by the generate stage's rules: steps default to all of the model's
+    `diffusion_steps`, eta to the sampler's default. A ConfigError names the setting as
+    `names` spells it (e.g. {"steps": "--steps"}). With `diffusion_steps` None (the model
+    not loaded yet) only what does not depend on the model is checked."""
+    def fail(key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{names.get(key, key)}: {message}")
+
+    samplers = typing.get_args(Sampler)
+    if sampler not in samplers:
+        fail("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(samplers)}")
+    cfg = GenerateConfig(num_samples=num_samples, sampler=sampler,  # type: ignore[arg-type]
+                         steps=steps if steps is not None else diffusion_steps or 1,
+                         eta=default_eta(sampler) if eta is None else eta,
+                         batch_size=batch_size, seed=seed, weights=weights,  # type: ignore
+                         clip=clip, variance=variance)  # type: ignore[arg-type]
+    try:
+        cfg.check("generate")
+        if diffusion_steps is not None:
+            _check_steps_fit("generate.steps", cfg.sampler, cfg.steps, diffusion_steps)
+    except ConfigError as err:
+        message = str(err).removeprefix("params.yaml: generate.")
+        key, _, rest = message.partition(": ")
+        fail(key, rest.replace("diffusion.steps", "the model's diffusion steps"))
+    return cfg
 
 
 def generate_samples(denoise: Callable, schedule: Schedule, cfg: GenerateConfig, image_size: int,

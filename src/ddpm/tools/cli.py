@@ -15,6 +15,7 @@ import json
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError, Sampler, load_params
 from ..stageutil import OneLineParser
@@ -43,44 +44,34 @@ def cmd_summary(args: argparse.Namespace) -> None:
           f"(training ~{3 * gflop:.1f} GFLOP per image)")
 
 
+# generate.<key> as `ddpm sample` spells it, for its messages.
+SAMPLE_OPTIONS = {"num_samples": "-n", "batch_size": "--batch-size", "steps": "--steps",
+                  "eta": "--eta", "variance": "--variance", "sampler": "--sampler"}
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import time
 
     from tqdm import tqdm
 
-    from ..train.checkpoint import load, load_model
-    from ..config import GenerateConfig
+    from ..evaluate.model_file import load, load_model
     from ..model.diffusion import make_schedule
     from ..train.fastpath import denoiser
-    from ..evaluate.generate import generate_samples
+    from ..evaluate.generate import generate_samples, request_config
     from ..evaluate.figures import save_png
     from ..device import resolve_device
 
-    eta = args.eta if args.eta is not None else (1.0 if args.sampler == "dpmpp_2m_sde" else 0.0)
+    def settings(diffusion_steps: int | None) -> Any:
+        return request_config(diffusion_steps, num_samples=args.n, sampler=args.sampler,
+                              steps=args.steps, eta=args.eta, batch_size=args.batch_size,
+                              seed=args.seed, weights=args.weights, clip=not args.no_clip,
+                              variance=args.variance, names=SAMPLE_OPTIONS)
 
-    def settings(steps: int) -> GenerateConfig:
-        """The generate stage's config and rules, its messages in this command's options."""
-        cfg = GenerateConfig(num_samples=args.n, sampler=args.sampler, steps=steps, eta=eta,
-                             batch_size=args.batch_size, seed=args.seed, weights=args.weights,
-                             clip=not args.no_clip, variance=args.variance)
-        try:
-            cfg.check("generate")
-        except ConfigError as err:
-            message = str(err).removeprefix("params.yaml: generate.")
-            key = message.partition(":")[0]
-            options = {"num_samples": "-n", "batch_size": "--batch-size", "steps": "--steps",
-                       "eta": "--eta", "variance": "--variance"}
-            raise ConfigError(options.get(key, key) + message[len(key):]) from None
-        return cfg
-
-    settings(args.steps or 1)  # before the model loads
+    settings(None)  # before the model loads
     device = resolve_device(args.device)
     model, diffusion_cfg, size = load_model(load(args.model), args.weights, device, args.model)
-    steps = args.steps or diffusion_cfg.steps
-    if args.sampler != "ddpm" and steps > diffusion_cfg.steps:
-        raise ConfigError(f"--steps: {args.sampler} can take at most the model's "
-                          f"{diffusion_cfg.steps} diffusion steps, got {steps}")
-    cfg = settings(steps)
+    cfg = settings(diffusion_cfg.steps)
+    steps = cfg.steps
     started = time.perf_counter()
     with tqdm(total=args.n, desc="sampling", unit="img") as bar:
         samples = generate_samples(denoiser(model, device), make_schedule(diffusion_cfg).to(device),
@@ -221,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 # traceback. Named, not imported, so that `ddpm --help` loads neither torch nor mlflow.
 USER_ERRORS = ("ddpm.config.ConfigError", "ddpm.evaluate.fid.features.FidInputError",
                "ddpm.evaluate.fid.features.FidWeightsError",
-               "ddpm.train.checkpoint.CheckpointError",
+               "ddpm.evaluate.model_file.CheckpointError",
                "ddpm.train.checkpoint.CheckpointWriteError",
                "ddpm.tracking.TrackingError")
 

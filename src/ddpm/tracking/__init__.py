@@ -3,6 +3,8 @@
     store.py    where runs go, run files, and the run rule below
     tracker.py  `Tracker`, the stages' API: one run, logged from a background thread
     spool.py    that thread, the offline spool, and its replay (`ddpm tracking replay`)
+    models.py   the trained model as an MLflow LoggedModel (registered), datasets as inputs
+    pyfunc_model.py  that model's code: `predict` samples cars (models from code)
     sqlite.py   a local sqlite store: created once under a lock (several experiments
                 start at once), checked when opened, repaired when that is safe; WAL
 
@@ -51,6 +53,7 @@ Tracking never takes training down
     files later with `ddpm tracking replay [FILE ...]` (no file: all of them).
 """
 
+from .models import dataset_op, training_source
 from .spool import SPOOL_DIR, replay_spool, spool_files
 from .store import (ParamConflictError, TrackingError, artifact_location, public_uri,
                     read_run_file, run_for_evaluation, run_tags, select, tracking_uri,
@@ -58,5 +61,5 @@ from .store import (ParamConflictError, TrackingError, artifact_location, public
 from .tracker import Tracker
 
 __all__ = ["SPOOL_DIR", "ParamConflictError", "Tracker", "TrackingError", "artifact_location",
-           "public_uri", "read_run_file", "replay_spool", "run_for_evaluation", "run_tags",
-           "select", "spool_files", "tracking_uri", "ui_link", "write_run_file"]
+           "dataset_op", "public_uri", "read_run_file", "replay_spool", "run_for_evaluation", "run_tags",
+           "select", "spool_files", "tracking_uri", "training_source", "ui_link", "write_run_file"]

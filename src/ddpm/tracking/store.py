@@ -223,7 +223,10 @@ def _apply(client: Any, run_id: str, op: dict[str, Any]) -> None:
         for chunk in _chunks(params, MAX_PARAMS):
             client.log_batch(run_id, params=chunk, synchronous=True)
     elif kind == "metrics":
-        metrics = [Metric(key, value, op["timestamp"], op["step"])
+        # Attached to a logged model and a dataset when the record names them.
+        link = {key: op[key] for key in ("model_id", "dataset_name", "dataset_digest")
+                if op.get(key)}
+        metrics = [Metric(key, value, op["timestamp"], op["step"], **link)
                    for key, value in op["metrics"].items()]
         for chunk in _chunks(metrics, MAX_METRICS):
             client.log_batch(run_id, metrics=chunk, synchronous=True)
@@ -243,6 +246,14 @@ def _apply(client: Any, run_id: str, op: dict[str, Any]) -> None:
             image.load()
             client.log_image(run_id, image, key=op["key"], step=op["step"],
                              timestamp=op["timestamp"], synchronous=True)
+    elif kind == "model":
+        from .models import log_model
+
+        log_model(client, run_id, op)
+    elif kind == "dataset":
+        from .models import log_dataset
+
+        log_dataset(client, run_id, op)
     elif kind == "end":
         client.set_terminated(run_id, op["status"], op["end_time"])
     else:

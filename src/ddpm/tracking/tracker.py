@@ -13,12 +13,16 @@ from typing import Any, Mapping, Optional
 from ..atomic import write_json
 from ..config import MlflowConfig
 from ..stageutil import repo_root
+from .models import MODEL_TAGS, model_op
 from .spool import SPOOL_DIR, _Sender, _Spool
 from .store import (ParamConflictError, _apply, _client, _ensure_experiment, _existing_run,
                     _first_line, _mlflow, _now_ms, _param_str, _say, public_uri,
                     run_for_evaluation, tracking_uri, write_run_file)
 
 DRAIN_TIMEOUT_S = 30.0  # longest end() waits for queued calls before it spools the rest
+# ... when a model is among them: uploading a checkpoint (218 MB for the seed's model)
+# to a remote artifact store takes longer than a few metrics.
+MODEL_DRAIN_TIMEOUT_S = 900.0
 
 
 class Tracker:
@@ -45,6 +49,8 @@ class Tracker:
         self.experiment_id: Optional[str] = None
         self.run_name: Optional[str] = None
         self._params: dict[str, str] = {}  # what the run holds, to check immutability here
+        self._tags: dict[str, str] = {}  # the run's tags when it was opened
+        self._drain_timeout = DRAIN_TIMEOUT_S
         self._sender: Optional[_Sender] = None
         self._spool: Optional[_Spool] = None
         self._monitor: Any = None
@@ -81,6 +87,7 @@ class Tracker:
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             self.run_name = run.info.run_name
             self._params = dict(run.data.params)
+            self._tags = dict(run.data.tags)
         except Exception as err:
             self.run_id = run_id
             _say(f"cannot open a run in {public_uri(self.uri)} ({_first_line(err)}); "
@@ -140,10 +147,43 @@ class Tracker:
             self._params.update(new)
             self._sender.submit({"op": "params", "params": new})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, *,
+                    model_id: Optional[str] = None,
+                    dataset: Optional[Mapping[str, Any]] = None) -> None:
+        """Metrics at `step`; with `model_id` attached to that logged model, with `dataset`
+        (a `models.dataset_op` record) to that dataset, as MLflow's model page shows them."""
         if self.active and metrics:
-            self._sender.submit({"op": "metrics", "step": int(step), "timestamp": _now_ms(),
-                                 "metrics": {key: float(value) for key, value in metrics.items()}})
+            op = {"op": "metrics", "step": int(step), "timestamp": _now_ms(),
+                  "metrics": {key: float(value) for key, value in metrics.items()}}
+            if model_id:
+                op["model_id"] = model_id
+            if dataset:
+                op.update(dataset_name=dataset["name"], dataset_digest=dataset["digest"])
+            self._sender.submit(op)
+
+    def log_model(self, name: str, checkpoint: str | Path, step: int,
+                  sampling: Mapping[str, Any], register: str = "",
+                  version_tags: Optional[Mapping[str, str]] = None) -> None:
+        """Log `checkpoint` as the run's LoggedModel `name` ('final' or 'best') at `step`,
+        registered as a new version of `register` unless that is empty (see
+        `ddpm.tracking.models`). The file must stay in place until end()."""
+        if self.active and self._exists(checkpoint):
+            self._drain_timeout = MODEL_DRAIN_TIMEOUT_S
+            self._sender.submit(model_op(name, checkpoint, step, sampling, register,
+                                         version_tags))
+
+    def log_dataset(self, dataset: Mapping[str, Any]) -> None:
+        """A run input (a `models.dataset_op` record), shown in the runs table's Datasets."""
+        if self.active:
+            self._sender.submit(dict(dataset))
+
+    def param(self, key: str) -> Optional[str]:
+        """A param the run holds (as MLflow stores it, a string), or None."""
+        return self._params.get(key)
+
+    def model_id(self, name: str = "final") -> Optional[str]:
+        """The id of the run's logged model `name` ('final', 'best') when it was opened."""
+        return self._tags.get(MODEL_TAGS[name])
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         """A file or folder, uploaded later: it must stay in place until end()."""
@@ -179,10 +219,12 @@ class Tracker:
         """Wait until every call so far is sent or spooled; False if `timeout` ran out."""
         return self._sender.flush(timeout) if self.active else True
 
-    def end(self, status: str = "FINISHED", timeout: float = DRAIN_TIMEOUT_S) -> None:
-        """End the run (FINISHED, FAILED or KILLED); waits at most `timeout` for queued calls."""
+    def end(self, status: str = "FINISHED", timeout: Optional[float] = None) -> None:
+        """End the run (FINISHED, FAILED or KILLED); waits at most `timeout` for queued calls
+        (default DRAIN_TIMEOUT_S, MODEL_DRAIN_TIMEOUT_S once a model was logged)."""
         if not self.active:
             return
+        timeout = self._drain_timeout if timeout is None else timeout
         if self._monitor is not None and self._sender.offline_until < time.monotonic():
             try:
                 self._monitor.finish()

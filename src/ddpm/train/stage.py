@@ -30,6 +30,7 @@ import torch
 
 from .. import atomic, lineage, stageutil
 from . import checkpoint, distributed
+from ..evaluate import model_file
 from ..evaluate import fid
 from .callbacks import (Checkpointer, EpochLog, LossCsv, Progress, Strips, TrackMetrics,
                               write_loss_csv)
@@ -38,7 +39,8 @@ from ..device import check_processes, resolve_device
 from ..model.diffusion import make_schedule
 from .fastpath import denoiser, strip_denoiser
 from ..data.processed import load_processed
-from ..tracking import ParamConflictError, Tracker, run_tags, select
+from ..tracking import (ParamConflictError, Tracker, dataset_op, run_tags, select,
+                        training_source)
 from .fid_curve import (FidEvaluator, TrainFid, best_weights, check_reference,
                               continue_best, named_best, prune_best, summary_fields,
                               write_fid_csv)
@@ -176,7 +178,7 @@ def _train_process(params: Params, paths: TrainPaths, inputs: Inputs, code: dict
         saved = read_checkpoint(paths.checkpoint, log)
     distributed.barrier()  # the others read the checkpoint rank 0 kept
     if rank != 0 and paths.checkpoint.exists():
-        saved = checkpoint.load(paths.checkpoint)
+        saved = model_file.load(paths.checkpoint)
     resume = saved if saved is not None and resumable(saved, run_cfg, code, paths, log) \
         else None
     if rank == 0:
@@ -207,6 +209,7 @@ def _train_process(params: Params, paths: TrainPaths, inputs: Inputs, code: dict
         if rank0 is not None:
             rank0.finish(state)
             write_outputs(state, paths, run_cfg, size, n_params, len(images), device, tracker)
+            log_to_mlflow(tracker, params, paths, state, manifest["sha256"], len(images), size)
             log(f"model written to {paths.model}; strips in {paths.strips}")
 
 
@@ -249,10 +252,10 @@ def read_checkpoint(path: Path, log: Callable[[str], None]) -> Optional[dict[str
     """The checkpoint, None if there is none, or - when it cannot be read (truncated, not a
     checkpoint, refused by weights_only) - None after moving it aside for inspection."""
     try:
-        return checkpoint.load(path)
+        return model_file.load(path)
     except FileNotFoundError:
         return None
-    except checkpoint.CheckpointError as err:
+    except model_file.CheckpointError as err:
         aside = path.with_name(path.name + ".unreadable")
         os.replace(path, aside)
         log(f"warning: {err.reason}: moved it to {aside} and training from scratch "
@@ -374,9 +377,34 @@ def write_outputs(state: Any, paths: TrainPaths, run_cfg: dict[str, Any], size: 
     tracker.log_metrics({f"train/{k}" if k.startswith(("final_", "best_")) else f"train/final_{k}": v
                          for k, v in report.items() if isinstance(v, (int, float))},
                         step=state.step)
-    tracker.log_artifact(paths.model, "model")
     tracker.log_artifact(paths.reports / "train_loss.csv", "reports")
     tracker.log_artifact(paths.fid_csv, "reports")
+
+
+def log_to_mlflow(tracker: Tracker, params: Params, paths: TrainPaths, state: Any,
+                  data_sha256: str, n_images: int, size: int) -> None:
+    """The run's training data as its input, and its models as LoggedModels: the final one
+    (registered) at the last step, the best one at its epoch's step when that is another."""
+    cfg = params.train
+    training = dataset_op("stanford-cars" if params.data.source != "synthetic" else
+                          "synthetic-cars", training_source(params.data), data_sha256,
+                          "training", {"count": n_images, "image_size": size})
+    tracker.log_dataset(training)
+    if not params.mlflow.log_model:
+        return
+    # What predict() samples with when a request leaves a setting out: the in-training
+    # FID's sampler (train.fid_*, which default to the generate stage's).
+    sampling = {"num_samples": 16, "seed": 0, "sampler": cfg.fid_sampler,
+                "steps": cfg.fid_steps, "eta": cfg.fid_eta, "clip": True,
+                "batch_size": 256, "max_samples": 256, "device": "auto"}
+    tracker.log_model("final", paths.model, state.step, sampling,
+                      register=params.mlflow.registered_model,
+                      version_tags={"dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+                                    "git.commit": os.environ.get("DVC_EXP_BASELINE_REV"),
+                                    "ddpm.dataset_sha256": data_sha256})
+    best = state.extra.get("fid_best")
+    if best is not None and best.get("step", state.step) != state.step:
+        tracker.log_model("best", paths.best, best["step"], sampling)
 
 
 def publish_best(paths: TrainPaths, state: Any, run_cfg: dict[str, Any], size: int) -> None:
@@ -387,7 +415,7 @@ def publish_best(paths: TrainPaths, state: Any, run_cfg: dict[str, Any], size: i
         checkpoint.save(paths.best, best_weights(state, run_cfg, size, None))
         return
     if not named.exists():
-        raise checkpoint.CheckpointError(f"{named}, the best weights of this run, is missing",
+        raise model_file.CheckpointError(f"{named}, the best weights of this run, is missing",
                                          "it was deleted while training; retrain from scratch "
                                          "(remove models/checkpoints/last.pt)")
     atomic.write_with(paths.best, lambda tmp: shutil.copyfile(named, tmp))
