@@ -43,7 +43,7 @@ from ddpm.model.samplers import ImageNoise  # noqa: E402
 from ddpm.model.unet import UNet, forward_flops  # noqa: E402
 from ddpm.tools import bench  # noqa: E402
 from ddpm.tools.demo import prepare  # noqa: E402
-from ddpm.train import checkpoint  # noqa: E402
+from ddpm.evaluate import model_file  # noqa: E402
 from ddpm.train.fastpath import denoiser  # noqa: E402
 
 PARTS = ("bench", "graph", "agree", "stages", "variants")
@@ -194,7 +194,7 @@ def part_stages(params, out: Path, epochs: int = 3) -> None:
                                "--run-file", "reports/mlflow_generate_run.json")
     for name in ("samples.png", "reverse.png"):
         shutil.copy(fast / "reports/figures" / name, out / f"stages_{name}")
-    fig["epochs"] = checkpoint.load(fast / "models/checkpoints/last.pt")["epochs_done"]
+    fig["epochs"] = model_file.load(fast / "models/checkpoints/last.pt")["epochs_done"]
     say("  epoch  loss     img/s: " + "; ".join(f"{e['epoch']}: {e['loss']:.5f} "
                                                f"{e['images_per_s']:,.0f}" for e in fig["epochs"]))
     fig["train_fast_not_steps_s"] = fig["train_fast_s"] - report["seconds"]
@@ -215,9 +215,9 @@ def check_resume(done: Path, project: Path) -> dict[str, Any]:
         time.sleep(0.05)
     os.killpg(proc.pid, 9)
     proc.wait()
-    fig = {"killed_after_epoch": checkpoint.load(ckpt)["epoch"] if ckpt.exists() else None,
+    fig = {"killed_after_epoch": model_file.load(ckpt)["epoch"] if ckpt.exists() else None,
            "rerun_s": _stage(project, "train", *TRAIN_ARGS)}
-    a, b = (checkpoint.load(p / "models/model.pt") for p in (done, project))
+    a, b = (model_file.load(p / "models/model.pt") for p in (done, project))
     for key in ("model", "ema"):
         fig[f"{key}_max_abs_diff"] = max(float((a[key][k].float() - b[key][k].float()).abs()
                                                .max()) for k in a[key])

@@ -25,7 +25,7 @@ from ddpm.evaluate.generate import generate_samples  # noqa: E402
 from ddpm.config import GenerateConfig, default_eta  # noqa: E402
 from ddpm.model import samplers  # noqa: E402
 from ddpm.model.diffusion import make_schedule  # noqa: E402
-from ddpm.train import checkpoint  # noqa: E402
+from ddpm.evaluate import model_file  # noqa: E402
 from ddpm.train.fastpath import denoiser  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
     device = torch.device("cpu")
-    model, diffusion, size = checkpoint.load_model(checkpoint.load(args.model), "ema", device)
+    model, diffusion, size = model_file.load_model(model_file.load(args.model), "ema", device)
     schedule, denoise = make_schedule(diffusion), denoiser(model, device)
     reference, network = fid.load_stats(args.stats), fid.load_inception(device)
     print(f"{'sampler':>14} {'spacing':>8} {'steps':>5} {'FID':>8} {'KID':>8} {'s':>6}  "
