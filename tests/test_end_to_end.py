@@ -367,7 +367,11 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
     from ddpm.tracking import replay_spool
 
     uri = f"sqlite:///{tmp_path / 'later.db'}"
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     run_id = replay_spool(spooled[0], tracking_uri=uri)
+    # The replay's store does not leak into this process's later runs or subprocesses.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
+    assert mlflow.get_tracking_uri() != uri
     client = mlflow.MlflowClient(uri)
     run = client.get_run(run_id)
     version = client.get_model_version("ddpm-stanford-cars", "1")

@@ -21,12 +21,14 @@ is not logged twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from .store import _say
 
@@ -62,8 +64,6 @@ def model_op(name: str, checkpoint: str | Path, step: int, sampling: Mapping[str
 
 def log_model(client: Any, run_id: str, op: dict[str, Any]) -> None:
     import mlflow
-    from mlflow.entities import LoggedModelStatus
-    from mlflow.models import Model
 
     run = client.get_run(run_id)
     tag = MODEL_TAGS[op["name"]]
@@ -73,8 +73,36 @@ def log_model(client: Any, run_id: str, op: dict[str, Any]) -> None:
     if not checkpoint.is_file():
         _say(f"{checkpoint} is gone; the {op['name']} model of run {run_id} is not logged")
         return
-    # Model.log and register_model use the fluent API's store: make it this client's.
-    mlflow.set_tracking_uri(client.tracking_uri)
+    with _fluent_store(client.tracking_uri):
+        _log_and_register(mlflow, client, run, op, tag, checkpoint)
+
+
+@contextlib.contextmanager
+def _fluent_store(uri: str) -> Iterator[None]:
+    """Model.log and register_model use the fluent API's store: this client's, for the
+    call only. mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every
+    later subprocess (a DVC stage) would inherit: both are put back."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = before
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _log_and_register(mlflow: Any, client: Any, run: Any, op: dict[str, Any], tag: str,
+                      checkpoint: Path) -> None:
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+
+    run_id = run.info.run_id
     model = client.create_logged_model(
         run.info.experiment_id, name=op["name"], source_run_id=run_id, model_type="ddpm",
         params=dict(run.data.params), tags={"ddpm.checkpoint": checkpoint.name})
