@@ -135,6 +135,8 @@ def ema_only(checkpoint: Path, out: Path) -> None:
     """The checkpoint without its raw (non-EMA) weights: what sampling uses, half the size."""
     import torch
 
+    # Not ddpm.evaluate.model_file.load: importing it here would put it in the code
+    # closure of every stage that tracks. The file is the one the train stage just wrote.
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     with open(out, "wb") as f:
         torch.save({key: value for key, value in payload.items() if key != "model"}, f)
@@ -159,6 +161,13 @@ def log_dataset(client: Any, run_id: str, op: dict[str, Any]) -> None:
                       profile=json.dumps(op["profile"]))
     client.log_inputs(run_id, datasets=[DatasetInput(
         dataset, tags=[InputTag("mlflow.data.context", op["context"])])])
+
+
+def training_dataset(data: Any, sha256: str, count: int, image_size: int) -> dict:
+    """The run input of the images a run trained on (`data`: the params' data section)."""
+    name = "synthetic-cars" if data.source == "synthetic" else "stanford-cars"
+    return dataset_op(name, training_source(data), sha256, "training",
+                      {"count": count, "image_size": image_size})
 
 
 def training_source(data: Any) -> str:

@@ -39,8 +39,8 @@ from ..device import check_processes, resolve_device
 from ..model.diffusion import make_schedule
 from .fastpath import denoiser, strip_denoiser
 from ..data.processed import load_processed
-from ..tracking import (ParamConflictError, Tracker, dataset_op, run_tags, select,
-                        training_source)
+from ..tracking import (ParamConflictError, Tracker, run_tags, select,
+                        training_dataset)
 from .fid_curve import (FidEvaluator, TrainFid, best_weights, check_reference,
                               continue_best, named_best, prune_best, summary_fields,
                               write_fid_csv)
@@ -386,10 +386,7 @@ def log_to_mlflow(tracker: Tracker, params: Params, paths: TrainPaths, state: An
     """The run's training data as its input, and its models as LoggedModels: the final one
     (registered) at the last step, the best one at its epoch's step when that is another."""
     cfg = params.train
-    training = dataset_op("stanford-cars" if params.data.source != "synthetic" else
-                          "synthetic-cars", training_source(params.data), data_sha256,
-                          "training", {"count": n_images, "image_size": size})
-    tracker.log_dataset(training)
+    tracker.log_dataset(training_dataset(params.data, data_sha256, n_images, size))
     if not params.mlflow.log_model:
         return
     # What predict() samples with when a request leaves a setting out: the in-training
