@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from ddpm.config import ConfigError, load_params, parse_overrides  # noqa: E402
+from ddpm.config import ConfigError, DiffusionConfig, load_params, parse_overrides  # noqa: E402
 from ddpm.evaluate import fid  # noqa: E402
 from ddpm.model.samplers import ImageNoise  # noqa: E402
 from ddpm.model.unet import UNet, forward_flops  # noqa: E402
@@ -139,8 +139,8 @@ def part_agree(params, out: Path) -> None:
     matmul.fp32_precision = old
     with torch.no_grad():
         tf32 = model(x, t)
-    eager_bf16 = denoiser(model, DEVICE, "bf16", "off")(x, t)
-    compiled = denoiser(model, DEVICE, "bf16", "on")
+    eager_bf16 = denoiser(model, DEVICE, "bf16", "off", diffusion=DiffusionConfig())(x, t)
+    compiled = denoiser(model, DEVICE, "bf16", "on", diffusion=DiffusionConfig())
     compiled(x, t)
     compiled_bf16 = compiled(x, t)
     results["agree"] = fig = {"eager_tf32": rel(tf32, ref), "eager_bf16": rel(eager_bf16, ref),

@@ -51,7 +51,7 @@ def main() -> None:
                           f"{diffusion_cfg.steps} diffusion steps; {cfg.sampler} can take at "
                           f"most that many model evaluations, got {cfg.steps}")
     schedule = make_schedule(diffusion_cfg).to(device)
-    denoise = denoiser(model, device)
+    denoise = denoiser(model, device, diffusion=diffusion_cfg)
     steps = diffusion_cfg.steps if cfg.sampler == "ddpm" else cfg.steps
     stageutil.log(f"sampling {cfg.num_samples} images with {cfg.sampler} ({steps} steps, "
                   f"{cfg.weights} weights) on {device}")

@@ -60,7 +60,7 @@ def main() -> None:
                                  for name in ("fid", "kid", "images_per_s")},
                                 step=row["evaluations"])
 
-        rows = run_sweep(denoiser(model, device), schedule, cfg, size, device, reference,
+        rows = run_sweep(denoiser(model, device, diffusion=diffusion_cfg), schedule, cfg, size, device, reference,
                          network, params.evaluate.batch_size, on_row=scored)
         atomic.write_text(args.out, sweep_csv(rows))
         tracker.log_artifact(args.out, "reports")

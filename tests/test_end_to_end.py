@@ -19,12 +19,14 @@ from PIL import Image
 from conftest import dvc, make_dvc_project, tiny
 
 # The in-training FID samples as the generate stage does (sampler, steps, eta, count, and
-# generate.seed = train.seed), so its last score is the evaluate stage's.
+# generate.seed = train.seed), so its last score is the evaluate stage's. The model
+# predicts v with min-SNR weighting: every stage reads its output through the model file.
 TINY_PIPELINE = tiny(
     data={"source": "synthetic", "synthetic_count": 40},
+    diffusion={"prediction": "v"},
     train={"epochs": 2, "batch_size": 8, "log_every": 2, "warmup_epochs": 1, "seed": 42,
            "fid_every": 1, "fid_samples": 24, "fid_sampler": "ddim", "fid_steps": 5,
-           "fid_eta": 0.0},
+           "fid_eta": 0.0, "loss_weighting": "min_snr"},
     generate={"num_samples": 24, "sampler": "ddim", "steps": 5, "eta": 0.0, "batch_size": 12,
               "grid_size": 16, "seed": 42},
     evaluate={"kid_subset_size": 10, "kid_subsets": 5, "batch_size": 24},
@@ -101,6 +103,15 @@ def test_repro_produces_every_output(project):
     assert np.isfinite(result["fid"]) and np.isfinite(result["kid"]) and result["num_samples"] == 24
     metrics = dvc("metrics", "show", cwd=project).stdout
     assert "fid" in metrics and "final_loss" in metrics
+    import torch
+
+    for rel in ("models/model.pt", "models/best.pt"):
+        config = torch.load(project / rel, weights_only=True)["config"]
+        assert config["diffusion"]["prediction"] == "v", rel
+        assert config["train"]["loss_weighting"] == "min_snr", rel
+    report = json.loads((project / "reports" / "train.json").read_text())
+    assert len(report["final_x0_error_by_t_quartile"]) == 4
+    assert all(np.isfinite(report["final_x0_error_by_t_quartile"]))
     plots = dvc("plots", "show", "--json", cwd=project).stdout
     assert "train_loss.csv" in plots and "train_fid.csv" in plots
 
@@ -153,7 +164,11 @@ def test_the_run_holds_params_metrics_images_and_tags(project):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2" and run.data.params["generate.steps"] == "5"
     assert run.data.params["evaluate.kid_subsets"] == "5"
+    assert run.data.params["diffusion.prediction"] == "v"
+    assert run.data.params["train.loss_weighting"] == "min_snr"
+    assert run.data.params["train.min_snr_gamma"] == "5.0"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 5
+    assert len(client.get_metric_history(run.info.run_id, "train/x0_error_t_q4")) == 2
     assert "evaluate/fid" in run.data.metrics and "evaluate/kid" in run.data.metrics
     assert run.data.tags["ddpm.data_source"] == "synthetic"
     assert len(run.data.tags["ddpm.dataset_hash"]) == 64

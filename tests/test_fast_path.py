@@ -183,7 +183,7 @@ def test_strips_wrap_the_ema_model_once_and_follow_its_updates(tmp_path):
 
     def fast(model):
         wrapped.append(model)
-        return denoiser(model, cpu, precision="bf16", compile="off")
+        return denoiser(model, cpu, precision="bf16", compile="off", diffusion=diffusion)
 
     cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_epochs=0, seed=3, device="cpu",
                       log_every=1, compile="off", precision="fp32")
@@ -195,7 +195,8 @@ def test_strips_wrap_the_ema_model_once_and_follow_its_updates(tmp_path):
 
     # The wrapper made at epoch 1 draws the EMA weights of epoch 3, as the model does.
     kept, fresh = (torch.stack(reverse_strip(d, schedule, 16, 0, cpu)).float()
-                   for d in (strips.denoise, denoiser(state.ema.model, cpu, "bf16", "off")))
+                   for d in (strips.denoise, denoiser(state.ema.model, cpu, "bf16", "off",
+                                                              diffusion=diffusion)))
     assert torch.equal(kept, fresh)
     fp32 = torch.stack(reverse_strip(state.ema.model, schedule, 16, 0, cpu)).float()
     # bf16 against fp32 after 40 steps: measured mean 0.05, max 1 uint8 level.
@@ -212,7 +213,8 @@ def test_strips_replay_cuda_graphs_on_cuda_and_follow_train_compile_mode_elsewhe
     cfg = TrainConfig(compile="on", compile_mode="max-autotune", channels_last="off",
                       precision="fp32")  # bf16 autocast for "cuda" would warn on a CPU host
     model = UNet(MODEL).eval()
-    strip_denoiser(model, torch.device("cuda"), cfg)
-    strip_denoiser(model, torch.device("cpu"), cfg)
-    strip_denoiser(model, torch.device("cuda"), dataclasses.replace(cfg, compile="off"))
+    diffusion = DiffusionConfig(steps=20)
+    strip_denoiser(model, torch.device("cuda"), cfg, diffusion)
+    strip_denoiser(model, torch.device("cpu"), cfg, diffusion)
+    strip_denoiser(model, torch.device("cuda"), dataclasses.replace(cfg, compile="off"), diffusion)
     assert seen == ["reduce-overhead", "max-autotune"]  # compile off: nothing compiled

@@ -27,7 +27,7 @@ def tiny_model():
 
 def test_samples_do_not_depend_on_batch_size_or_position():
     model, schedule, device = tiny_model(), make_schedule(DIFFUSION), torch.device("cpu")
-    denoise = denoiser(model, device, precision="fp32")
+    denoise = denoiser(model, device, precision="fp32", diffusion=DIFFUSION)
     for sampler, steps in (("ddpm", 20), ("ddim", 5)):
         cfg = GenerateConfig(num_samples=5, sampler=sampler, steps=steps, eta=0.5, seed=11)
         one = generate_samples(denoise, schedule, GenerateConfig(**{**cfg.__dict__, "batch_size": 5}), 16, device)
@@ -51,11 +51,12 @@ def test_only_the_first_batch_size_runs_compiled(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     model, schedule, device = tiny_model(), make_schedule(DIFFUSION), torch.device("cpu")
-    denoise = denoiser(model, device, precision="fp32", compile="on")
+    denoise = denoiser(model, device, precision="fp32", compile="on", diffusion=DIFFUSION)
     cfg = GenerateConfig(num_samples=5, sampler="ddim", steps=3, batch_size=2, seed=1)
     samples = generate_samples(denoise, schedule, cfg, 16, device)
     assert compiled_batches == [2] * 6  # two full batches of 3 steps; the last image eager
-    eager = generate_samples(denoiser(model, device, precision="fp32", compile="off"),
+    eager = generate_samples(denoiser(model, device, precision="fp32", compile="off",
+                                    diffusion=DIFFUSION),
                              schedule, cfg, 16, device)
     assert np.array_equal(samples, eager)
 
@@ -63,7 +64,7 @@ def test_only_the_first_batch_size_runs_compiled(monkeypatch):
 def test_figures_are_written(tmp_path):
     model, schedule, device = tiny_model(), make_schedule(DIFFUSION), torch.device("cpu")
     cfg = GenerateConfig(num_samples=4, sampler="ddim", steps=10, grid_size=4)
-    denoise = denoiser(model, device)
+    denoise = denoiser(model, device, diffusion=DIFFUSION)
     samples = generate_samples(denoise, schedule, cfg, 16, device)
     real = np.random.default_rng(0).integers(0, 256, (6, 3, 16, 16), dtype=np.uint8)
     written = write_figures(denoise, schedule, cfg, samples, real, tmp_path, device)
@@ -94,7 +95,7 @@ def test_sample_command_writes_the_pngs_generate_samples_gives(tmp_path, sampler
     assert f"3 samples ({sampler}, 4 steps)" in done.stdout
     eta = 1.0 if sampler == "dpmpp_2m_sde" else 0.0  # the command's default for each
     cfg = GenerateConfig(num_samples=3, sampler=sampler, steps=4, eta=eta, seed=7)
-    expected = generate_samples(denoiser(model.eval(), torch.device("cpu")),
+    expected = generate_samples(denoiser(model.eval(), torch.device("cpu"), diffusion=DIFFUSION),
                                 make_schedule(DIFFUSION), cfg, 16, torch.device("cpu"))
     for file, image in zip(files, expected):
         assert np.array_equal(np.asarray(Image.open(file)), image.transpose(1, 2, 0))

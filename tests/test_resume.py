@@ -224,7 +224,6 @@ def test_a_resumed_optimizer_runs_this_devices_adam(tmp_path):
 
 def test_a_failed_capture_stops_with_one_line(monkeypatch):
     from ddpm.train import step as step_module
-    from ddpm.model.diffusion import make_schedule
     from ddpm.train.step import GRAPH_WARMUP_STEPS, CaptureError, TrainStep, build_state
 
     class FailingGraph:
@@ -236,7 +235,7 @@ def test_a_failed_capture_stops_with_one_line(monkeypatch):
     cpu = torch.device("cpu")
     state = build_state(TINY_MODEL, cfg, cpu)
     data = torch.zeros((8, 3, 16, 16), dtype=torch.uint8)
-    step = TrainStep(state, data, make_schedule(DiffusionConfig(steps=20)), cfg, cpu)
+    step = TrainStep(state, data, DiffusionConfig(steps=20), cfg, cpu)
     step.start_epoch(torch.randperm(8))
     step.capture_pending, step.calls = True, GRAPH_WARMUP_STEPS  # as after the warm-up on CUDA
     with pytest.raises(CaptureError) as caught:

@@ -148,7 +148,7 @@ def test_the_evaluator_samples_the_same_noise_every_time_and_scores_with_fid_sco
 
     def fast(m):
         wrapped.append(m)
-        return denoiser(m, CPU, "fp32", "off")
+        return denoiser(m, CPU, "fp32", "off", diffusion=DIFFUSION)
 
     evaluate = FidEvaluator(reference, 12, 4, make_schedule(DIFFUSION), 16, seed=5, device=CPU,
                             fast=fast, network=network, feature_batch=5)
@@ -162,7 +162,7 @@ def test_the_evaluator_samples_the_same_noise_every_time_and_scores_with_fid_sco
     from ddpm.evaluate.generate import generate_samples
 
     by_hand = generate_samples(
-        denoiser(model, CPU, "fp32", "off"), make_schedule(DIFFUSION),
+        denoiser(model, CPU, "fp32", "off", diffusion=DIFFUSION), make_schedule(DIFFUSION),
         GenerateConfig(num_samples=12, sampler="ddim", steps=4, eta=0.0, batch_size=7, seed=5,
                        clip=True, variance="posterior"), 16, CPU)
     stats = fid.feature_stats(fid.extract_features(by_hand, network, batch_size=12))

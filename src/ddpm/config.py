@@ -104,6 +104,10 @@ class DiffusionConfig:
     schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # What the U-Net's output means: the noise eps (the seed's), v = alpha_t eps - sigma_t x0
+    # (Salimans & Ho 2022) or the clean image x0. A model file without the key is an eps
+    # model (`ddpm.model.diffusion` has the conversions).
+    prediction: Literal["eps", "v", "x0"] = "eps"
 
     def check(self, key: str) -> None:
         if self.steps < 2:
@@ -185,8 +189,15 @@ class TrainConfig:
     fid_sampler: Sampler = "ddpm"
     fid_steps: int = 512
     fid_eta: float = 0.0
+    # The weight of each image's loss by its t: none (plain MSE, the seed's) or min_snr,
+    # min(SNR_t, gamma) on the x0 error (Hang et al. 2023), whatever the prediction.
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = 5.0
 
     def check(self, key: str) -> None:
+        if not self.min_snr_gamma > 0:  # NaN too
+            _fail(f"{key}.min_snr_gamma", f"must be > 0 (5 is the paper's advice), got "
+                  f"{self.min_snr_gamma}")
         for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "nproc"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")

@@ -6,13 +6,25 @@ Notation, used throughout this module:
     beta_t      noise added at step t;  alpha_t = 1 - beta_t
     alpha_bar_t = prod_{s <= t} alpha_s
     x0          a clean image in [-1, 1];  x_t its noisy version at step t
-    eps         standard Gaussian noise; the model predicts it from (x_t, t)
+    eps         standard Gaussian noise
+    alpha_t, sigma_t  (below, for the objectives) sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t):
+                x_t = alpha_t x0 + sigma_t eps;  SNR_t = alpha_t^2 / sigma_t^2
+    v           alpha_t eps - sigma_t x0 (Salimans & Ho 2022, section 4)
+
+    The model predicts eps (the seed's), v or x0 from (x_t, t) (`diffusion.prediction`);
+    any one gives the others:
+        x0  = alpha_t x_t - sigma_t v = (x_t - sigma_t eps) / alpha_t
+        eps = sigma_t x_t + alpha_t v = (x_t - alpha_t x0) / sigma_t
+    and their squared errors relate as
+        |x0 err|^2 = |eps err|^2 / SNR_t = sigma_t^2 |v err|^2 = |v err|^2 / (SNR_t + 1).
 
     q(x_t | x0)        = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I)          (eq. 4)
     q(x_{t-1} | x_t, x0) = N(mu_tilde, beta_tilde_t I)                       (eqs. 6-7)
         mu_tilde    = coef_x0_t x0 + coef_xt_t x_t
         beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
     loss = || eps - eps_theta(x_t, t) ||^2                                    (eq. 14)
+        for eps-prediction; in general w_t || target - model(x_t, t) ||^2, with w_t = 1, or
+        min(SNR_t, gamma) on the x0 error (min-SNR-gamma, Hang et al. 2023, eq. 8)
 
 Schedule quantities are computed in float64 and cast once to float32.
 """
@@ -116,8 +128,83 @@ def q_posterior(s: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tenso
 
 
 def loss_per_image(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Eq. 14 (L_simple) per image: mean squared error over pixels, shape (B,)."""
+    """Eq. 14 (L_simple) per image: mean squared error over pixels, shape (B,). For another
+    prediction, the same error of that quantity against its `target`."""
     return (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(1)
+
+
+PREDICTIONS = ("eps", "v", "x0")
+WEIGHTINGS = ("none", "min_snr")
+
+
+def check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+def snr(s: Schedule) -> torch.Tensor:
+    """SNR_t = alpha_bar_t / (1 - alpha_bar_t), shape (T,), float64."""
+    alpha_bar = s.alpha_bar.double()
+    return alpha_bar / (1 - alpha_bar)
+
+
+def target(prediction: str, s: Schedule, x0: torch.Tensor, eps: torch.Tensor,
+           t: torch.Tensor) -> torch.Tensor:
+    """What a `prediction` model is trained to output for x_t = q_sample(x0, t, eps)."""
+    check_prediction(prediction)
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    ab = _at(s.alpha_bar, t)
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v
+
+
+def eps_from(prediction: str, s: Schedule, x_t: torch.Tensor, t: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+    """The noise a model's output `out` (of kind `prediction`) denotes at (x_t, t)."""
+    check_prediction(prediction)
+    if prediction == "eps":
+        return out
+    ab = _at(s.alpha_bar, t)
+    if prediction == "v":
+        return (1 - ab).sqrt() * x_t + ab.sqrt() * out
+    return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()  # x0
+
+
+def x0_from(prediction: str, s: Schedule, x_t: torch.Tensor, t: torch.Tensor,
+            out: torch.Tensor) -> torch.Tensor:
+    """The clean image a model's output `out` (of kind `prediction`) denotes at (x_t, t)."""
+    check_prediction(prediction)
+    if prediction == "x0":
+        return out
+    if prediction == "eps":
+        return predict_x0(s, x_t, t, out)
+    ab = _at(s.alpha_bar, t)
+    return ab.sqrt() * x_t - (1 - ab).sqrt() * out  # v
+
+
+def x0_error_scale(prediction: str, s: Schedule) -> torch.Tensor:
+    """Per t, |x0 err|^2 / |error of the predicted quantity|^2: 1/SNR_t for eps,
+    1/(SNR_t + 1) for v, 1 for x0. Shape (T,), float64."""
+    check_prediction(prediction)
+    ratio = snr(s)
+    return {"eps": 1 / ratio, "v": 1 / (ratio + 1), "x0": torch.ones_like(ratio)}[prediction]
+
+
+def loss_weights(prediction: str, weighting: str, s: Schedule, gamma: float = 5.0) -> torch.Tensor:
+    """w_t on the mean squared error of the predicted quantity, shape (T,), float32.
+
+    none: 1. min_snr: min(SNR_t, gamma) on the x0 error (Hang et al. 2023), which on the
+    predicted quantity is min(SNR_t, gamma) times `x0_error_scale`: min(SNR_t, gamma) /
+    SNR_t for eps, min(SNR_t, gamma) / (SNR_t + 1) for v, min(SNR_t, gamma) for x0.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    if weighting == "none":
+        check_prediction(prediction)
+        return torch.ones(s.T)
+    return (snr(s).clamp(max=gamma) * x0_error_scale(prediction, s)).float()
 
 
 VARIANCES = ("posterior", "beta")

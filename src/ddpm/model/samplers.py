@@ -4,7 +4,7 @@
             variance="posterior", callback=None) -> x0
 
 `denoise(x_t, t) -> eps` is the model (EMA weights, autocast, compiled: the
-caller decides). `noise` gives each image its own random stream, so an image
+caller decides), through `eps_denoiser` when it predicts v or x0. `noise` gives each image its own random stream, so an image
 depends only on (seed, its index), never on batch size or device count.
 `callback(i, t, x)` is called after each of the sampler's steps (previews,
 strips, progress).
@@ -18,10 +18,29 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .diffusion import Schedule, ddim_step, ddpm_step, q_sample
+from .diffusion import (Schedule, check_prediction, ddim_step, ddpm_step, eps_from,
+                        q_sample)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def eps_denoiser(net: Denoiser, schedule: Schedule, prediction: str) -> Denoiser:
+    """The noise predictor the samplers call, from `net(x_t, t)` that outputs `prediction`
+    (eps, v or x0: `diffusion.prediction`, which a model file records). The one place a
+    model's output is read as what it predicts: training's strips and FID, generate,
+    sweep, `ddpm sample` and the MLflow model all sample through it."""
+    check_prediction(prediction)
+    if prediction == "eps":
+        return net
+    on_device: dict[torch.device, Schedule] = {}  # the schedule where x_t is, copied once
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x_t.device not in on_device:
+            on_device[x_t.device] = schedule.to(x_t.device)
+        return eps_from(prediction, on_device[x_t.device], x_t, t, net(x_t, t).to(x_t.dtype))
+
+    return denoise
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -72,10 +91,25 @@ def lambda_timesteps(schedule: Schedule, steps: int) -> torch.Tensor:
     return torch.from_numpy(picked.astype(np.int64))
 
 
+def no_zero(grid):
+    """A grid that does not spend one of its `steps` evaluations at t = 0: `grid` of steps + 1
+    points without its last (t = 0), so the last step goes from t ~ T/steps straight to the
+    clean image (diffusers' DPMSolverMultistepScheduler does this by default: linspace
+    spacing, final sigma zero). At sigma_0 (0.01 for the seed's schedule) the model's x0
+    is the input itself: that evaluation buys next to nothing. With steps = T there is no
+    room to leave t = 0 out, and the grid is `grid`'s own."""
+    def timesteps(schedule: Schedule, steps: int) -> torch.Tensor:
+        if steps >= schedule.T:
+            return grid(schedule, steps)
+        return grid(schedule, steps + 1)[:-1]
+    return timesteps
+
+
 # Timestep grids of the DPM-Solver++ samplers, by name: "time" is DDIM's (even in t),
-# "lambda" even in log-SNR.
+# "lambda" even in log-SNR; "_no_zero" leaves out the evaluation at t = 0 (`no_zero`).
 SPACINGS = {"time": lambda schedule, steps: ddim_timesteps(schedule.T, steps),
             "lambda": lambda_timesteps}
+SPACINGS.update({f"{name}_no_zero": no_zero(grid) for name, grid in list(SPACINGS.items())})
 
 
 @torch.no_grad()
@@ -136,9 +170,14 @@ def sample_ddim(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise:
 DPMPP_SPACING = "time"
 
 
+def default_spacing(schedule: Schedule) -> str:
+    """The DPM-Solver++ samplers' grid when none is asked for."""
+    return DPMPP_SPACING
+
+
 def _dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: ImageNoise,
               steps: Optional[int], eta: float, clip: bool, callback: Optional[StepCallback],
-              spacing: str) -> torch.Tensor:
+              spacing: Optional[str]) -> torch.Tensor:
     """DPM-Solver++(2M) in data prediction (Lu et al. 2022, Algorithm 2) for eta = 0, and
     its SDE form for eta > 0, over timesteps t_0 = T-1 > ... > t_{n-1} = 0, then t_n = -1.
 
@@ -166,6 +205,7 @@ def _dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: I
     steps = T if steps is None else steps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be 1 .. {T} (the training steps), got {steps}")
+    spacing = default_spacing(schedule) if spacing is None else spacing
     try:
         timesteps = SPACINGS[spacing](schedule, steps).tolist()
     except KeyError:
@@ -206,7 +246,7 @@ def _dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: I
 def sample_dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: ImageNoise,
                     steps: Optional[int] = None, eta: float = 0.0, clip: bool = True,
                     variance: str = "posterior", callback: Optional[StepCallback] = None,
-                    spacing: str = DPMPP_SPACING) -> torch.Tensor:
+                    spacing: Optional[str] = None) -> torch.Tensor:
     """DPM-Solver++(2M): the probability-flow ODE in `steps` model evaluations (default
     T), deterministic given x_T; the math is `_dpmpp_2m`'s. It adds no noise, so eta
     must be 0 and variance the default; `clip` clamps each predicted x0 to [-1, 1]."""
@@ -223,7 +263,7 @@ def sample_dpmpp_2m_sde(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor
                         noise: ImageNoise, steps: Optional[int] = None, eta: float = 1.0,
                         clip: bool = True, variance: str = "posterior",
                         callback: Optional[StepCallback] = None,
-                        spacing: str = DPMPP_SPACING) -> torch.Tensor:
+                        spacing: Optional[str] = None) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, section 5): the reverse SDE in `steps` model
     evaluations (default T), one draw from `noise` per step but the last; the math is
     `_dpmpp_2m`'s. eta scales the Langevin part: 1 is the paper's SDE, more adds more,

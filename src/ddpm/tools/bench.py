@@ -115,8 +115,7 @@ class BenchStep:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         data = torch.randint(0, 256, (batch * self.DATA_BATCHES, 3, size, size),
                              dtype=torch.uint8, generator=self.gen).to(device)
-        self.step = TrainStep(self.state, data, make_schedule(params.diffusion).to(device), cfg,
-                              device)
+        self.step = TrainStep(self.state, data, params.diffusion, cfg, device)
         self.calls, self.fallbacks = 0, []  # what fell back (compile), and why
 
     def __call__(self) -> None:
@@ -186,7 +185,7 @@ def measure_sampling(params: Params, device: torch.device, batch: int, budget: B
     torch.manual_seed(params.train.seed)
     model = UNet(params.model).to(device).eval().requires_grad_(False)
     denoise = denoiser(model, device, "bf16" if bf16 else "fp32", "on" if compiled else "off",
-                       channels_last="on" if channels_last else "off")
+                       channels_last="on" if channels_last else "off", diffusion=params.diffusion)
     schedule = make_schedule(params.diffusion).to(device)
     size, T, figures = params.preprocess.image_size, schedule.T, {}
     for name, sampler in SAMPLERS.items():
@@ -206,7 +205,8 @@ def measure_epoch_end(trainer: BenchStep, params: Params, device: torch.device, 
     write; a synchronous save, the old way, beside)."""
     schedule = make_schedule(params.diffusion).to(device)
     cfg = dataclasses.replace(params.train, compile="on" if trainer.compiled else "off")
-    strip = time_sampler(sample_ddpm, strip_denoiser(trainer.state.ema.model, device, cfg),
+    strip = time_sampler(sample_ddpm, strip_denoiser(trainer.state.ema.model, device, cfg,
+                                                        params.diffusion),
                          schedule, 1, params.preprocess.image_size, device, budget, cfg.seed)
     out = {"strip_seconds": strip["step_s"] * schedule.T, "strip_step_s": strip["step_s"],
            "strip_first_call_s": strip["first_call_s"], "strip_timed_steps": strip["timed_steps"]}

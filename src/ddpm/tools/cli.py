@@ -74,8 +74,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     steps = cfg.steps
     started = time.perf_counter()
     with tqdm(total=args.n, desc="sampling", unit="img") as bar:
-        samples = generate_samples(denoiser(model, device), make_schedule(diffusion_cfg).to(device),
-                                   cfg, size, device, progress=bar.update)
+        samples = generate_samples(denoiser(model, device, diffusion=diffusion_cfg),
+                                   make_schedule(diffusion_cfg).to(device), cfg, size, device,
+                                   progress=bar.update)
     seconds = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,7 @@ class CarSampler(PythonModel):
     def load_context(self, context):  # noqa: ANN001
         from ddpm.device import resolve_device
         from ddpm.model.diffusion import make_schedule
+        from ddpm.model.samplers import eps_denoiser
         from ddpm.evaluate.model_file import load, load_model
 
         self.defaults = json.loads(Path(context.artifacts["sampling"]).read_text())
@@ -98,7 +99,8 @@ class CarSampler(PythonModel):
         self.schedule = make_schedule(diffusion).to(self.device)
         # fp32 eager, as `ddpm sample` runs on a CPU (bit-identical there). On a GPU the
         # pipeline's bf16/compile fast path is not used here: it is unmeasured for serving.
-        self.denoise = lambda x, t: model(x, t).float()
+        self.denoise = eps_denoiser(lambda x, t: model(x, t).float(), self.schedule,
+                                    diffusion.prediction)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001
         from ddpm.config import ConfigError

@@ -175,8 +175,9 @@ class EpochLog:
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         quartiles = " ".join(f"{q:.4f}" for q in summary.loss_quartiles)
-        self.print(f"epoch {summary.epoch}: loss {summary.loss:.4f} (t quartiles {quartiles}), "
-                   f"lr {summary.lr:.2e}, {summary.images_per_s:.1f} img/s")
+        x0 = " ".join(f"{q:.4g}" for q in summary.x0_error_quartiles)
+        self.print(f"epoch {summary.epoch}: loss {summary.loss:.4f} (t quartiles {quartiles}; "
+                   f"x0 error {x0}), lr {summary.lr:.2e}, {summary.images_per_s:.1f} img/s")
 
 
 class TrackMetrics:
@@ -191,6 +192,8 @@ class TrackMetrics:
 
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         quartiles = {f"train/loss_t_q{i + 1}": q for i, q in enumerate(summary.loss_quartiles)}
+        quartiles.update({f"train/x0_error_t_q{i + 1}": q
+                          for i, q in enumerate(summary.x0_error_quartiles)})
         self.tracker.log_metrics({"train/epoch_loss": summary.loss, "train/epoch": summary.epoch,
                                   "train/epoch_images_per_s": summary.images_per_s, **quartiles},
                                  step=summary.step)

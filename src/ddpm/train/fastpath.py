@@ -14,8 +14,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from ..model.samplers import Denoiser
+from ..config import DiffusionConfig, TrainConfig
+from ..model.diffusion import make_schedule
+from ..model.samplers import Denoiser, eps_denoiser
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -82,9 +83,11 @@ class _CompiledOrEager:
 
 def denoiser(model: nn.Module, device: torch.device, precision: str = "auto",
              compile: str = "auto", compile_mode: str = "default",
-             channels_last: str = "auto") -> Denoiser:
-    """model(x_t, t) with training's fast-path rules (auto: bf16, channels-last and
-    torch.compile on CUDA; plain fp32 on a CPU); float32 out.
+             channels_last: str = "auto", *, diffusion: DiffusionConfig) -> Denoiser:
+    """The noise model(x_t, t) denotes, with training's fast-path rules (auto: bf16,
+    channels-last and torch.compile on CUDA; plain fp32 on a CPU); float32 out. `diffusion`
+    is the model's (its file's): what its output means (`diffusion.prediction`, read by
+    `samplers.eps_denoiser`) on which schedule.
 
     Only the first batch size seen runs compiled: the figures' few images and a
     last partial batch run eager instead of paying a recompile (tens of seconds).
@@ -106,13 +109,15 @@ def denoiser(model: nn.Module, device: torch.device, precision: str = "auto",
         with autocast:
             return forward(x, t).float()
 
-    return denoise
+    return eps_denoiser(denoise, make_schedule(diffusion), diffusion.prediction)
 
 
-def strip_denoiser(model: nn.Module, device: torch.device, cfg: TrainConfig) -> Denoiser:
+def strip_denoiser(model: nn.Module, device: torch.device, cfg: TrainConfig,
+                   diffusion: DiffusionConfig) -> Denoiser:
     """The EMA model as the strips and the in-training FID call it: training's precision,
     compile and layout rules (`denoiser`). A strip is T batch-1 calls, each a few hundred small kernels
     that the host launches one by one, so on CUDA a compiled strip replays CUDA graphs
     (torch.compile's reduce-overhead mode) whatever train.compile_mode says."""
     mode = "reduce-overhead" if device.type == "cuda" else cfg.compile_mode
-    return denoiser(model, device, cfg.precision, cfg.compile, mode, cfg.channels_last)
+    return denoiser(model, device, cfg.precision, cfg.compile, mode, cfg.channels_last,
+                    diffusion=diffusion)

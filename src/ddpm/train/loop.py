@@ -1,4 +1,4 @@
-"""The training loop: epsilon-prediction DDPM on a uint8 image tensor.
+"""The training loop: DDPM (eps, v or x0 prediction) on a uint8 image tensor.
 
 The loop reads in phases: set up (or resume) -> for each epoch: the data order,
 then `TrainStep` once per batch (draws, noise, loss, Adam, EMA: `step.py`) ->
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig, as_dict
-from ..model.diffusion import make_schedule
 from .distributed import all_mean, world
 from .step import TrainState, TrainStep, build_state
 
@@ -51,6 +50,9 @@ class EpochSummary:
     images_per_s: float
     seconds: float
     variant: str = ""  # the training step as it ran (`TrainStep.variant`)
+    # Mean unweighted x0 error |x0 - x0_theta|^2 per t quarter: comparable across
+    # diffusion.prediction and train.loss_weighting (loss_quartiles are not).
+    x0_error_quartiles: tuple[float, ...] = ()
 
 
 class Callback(Protocol):
@@ -151,8 +153,8 @@ def _train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Mode
 
         module = DistributedDataParallel(state.model,
                                          device_ids=[device] if device.type == "cuda" else None)
-    step = TrainStep(state, data, make_schedule(diffusion_cfg).to(device), cfg, device,
-                     rank=rank, ranks=ranks, model=module)
+    step = TrainStep(state, data, diffusion_cfg, cfg, device, rank=rank, ranks=ranks,
+                     model=module)
     epoch_steps, batch = step.steps_per_epoch, step.batch
 
     for epoch in range(state.epoch, cfg.epochs):
@@ -182,16 +184,17 @@ def _train(images: torch.Tensor, diffusion_cfg: DiffusionConfig, model_cfg: Mode
 
         # --- end-of-epoch maintenance -------------------------------------
         seconds = time.perf_counter() - started
-        loss_sum, q_sum, q_count = step.take_epoch()
-        all_mean(loss_sum, q_sum, q_count)
+        loss_sum, q_sum, q_x0_sum, q_count = step.take_epoch()
+        all_mean(loss_sum, q_sum, q_x0_sum, q_count)
         epoch_loss = (loss_sum / epoch_steps).item()
         _check_finite(epoch_loss, state)
         quartiles = (q_sum / q_count.clamp(min=1)).tolist()
+        x0_quartiles = (q_x0_sum / q_count.clamp(min=1)).tolist()
         state.epoch = epoch + 1
         summary = EpochSummary(epoch=state.epoch, step=state.step, loss=epoch_loss,
                                loss_quartiles=tuple(quartiles), lr=lr,
                                images_per_s=epoch_steps * batch / seconds, seconds=seconds,
-                               variant=step.variant)
+                               variant=step.variant, x0_error_quartiles=tuple(x0_quartiles))
         state.epochs_done.append(dataclasses.asdict(summary))
         for cb in callbacks:
             cb.on_epoch_end(state, summary)

@@ -1,7 +1,8 @@
 """One optimisation step of DDPM training: the one definition the train stage and the bench run.
 
     draw flips, t and eps -> x0 from the epoch's data order -> x_t = q_sample(x0, t, eps)
-    -> eps_theta(x_t, t) -> loss (eq. 14) -> backward -> [clip] -> Adam -> EMA -> loss sums
+    -> model(x_t, t) -> its error against the target (eps, v or x0: diffusion.prediction),
+    weighted by t (train.loss_weighting) -> backward -> [clip] -> Adam -> EMA -> loss sums
 
 The step is built to be captured whole in one CUDA graph (PyTorch's CUDA notes,
 "whole-network capture"), so everything it reads or writes lives in a static
@@ -29,8 +30,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import ModelConfig, TrainConfig
-from ..model.diffusion import Schedule, loss_per_image, q_sample
+from ..config import DiffusionConfig, ModelConfig, TrainConfig
+from ..model.diffusion import (loss_per_image, loss_weights, make_schedule, q_sample, target,
+                               x0_error_scale)
 from .fastpath import autocast_for, maybe_compile, use_channels_last
 from ..model.pixels import to_model
 from ..model.unet import UNet
@@ -178,18 +180,23 @@ def quartile_of(t: torch.Tensor, T: int) -> torch.Tensor:
 class TrainStep:
     """One optimisation step on `data` (uint8 N x 3 x S x S, on the device) for `state`.
 
-        step = TrainStep(state, data, schedule, cfg, device, rank, ranks)
+        step = TrainStep(state, data, diffusion, cfg, device, rank, ranks)
         step.start_epoch(order)           # a permutation of range(N), once per epoch
         step(lr)                          # one step; state.step and the EMA count advance
         step.take_window() / step.take_epoch()  # the loss sums, read at the log cadence
 
-    `model` is what runs the forward pass: `state.model`, or its DDP wrapper.
+    `model` is what runs the forward pass: `state.model`, or its DDP wrapper. Beside the
+    training loss (weighted as train.loss_weighting says) the step sums each image's x0
+    error, |x0 - x0_theta|^2 however the model predicts and weighs: a loss by t quartile
+    that compares across `diffusion.prediction` and `train.loss_weighting` settings.
     """
 
-    def __init__(self, state: TrainState, data: torch.Tensor, schedule: Schedule,
+    def __init__(self, state: TrainState, data: torch.Tensor, diffusion: DiffusionConfig,
                  cfg: TrainConfig, device: torch.device, *, rank: int = 0, ranks: int = 1,
                  model: Optional[nn.Module] = None):
-        self.state, self.data, self.schedule, self.cfg = state, data, schedule, cfg
+        self.state, self.data, self.cfg = state, data, cfg
+        self.schedule = make_schedule(diffusion).to(device)
+        self.prediction = diffusion.prediction
         self.device = device
         n = data.shape[0]
         self.batch = min(cfg.batch_size, n)  # the global batch
@@ -214,6 +221,13 @@ class TrainStep:
         self.epoch_sum = buffer()  # sum of batch losses this epoch
         self.window_sum = buffer()  # ... since the last log
         self.q_sum, self.q_count = buffer(4), buffer(4)  # per-image losses by t quartile
+        self.q_x0_sum = buffer(4)  # per-image x0 errors by t quartile
+        # Per t: the loss weight, and the factor from the predicted quantity's squared
+        # error to the x0 error (diffusion.x0_error_scale).
+        self.weight = (None if cfg.loss_weighting == "none" else
+                       loss_weights(self.prediction, cfg.loss_weighting, self.schedule,
+                                    cfg.min_snr_gamma).to(device))
+        self.x0_scale = x0_error_scale(self.prediction, self.schedule).float().to(device)
 
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.capture_pending = want_cuda_graph(cfg, device, ranks)
@@ -225,7 +239,7 @@ class TrainStep:
     def start_epoch(self, order: torch.Tensor) -> None:
         self.order.copy_(order)
         self.cursor.zero_()
-        for x in (self.epoch_sum, self.window_sum, self.q_sum, self.q_count):
+        for x in (self.epoch_sum, self.window_sum, self.q_sum, self.q_count, self.q_x0_sum):
             x.zero_()
 
     def __call__(self, lr: float) -> None:
@@ -250,9 +264,11 @@ class TrainStep:
         self.window_sum.zero_()
         return window
 
-    def take_epoch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sum of batch losses, per-quartile loss sums, per-quartile counts) of the epoch."""
-        return self.epoch_sum.clone(), self.q_sum.clone(), self.q_count.clone()
+    def take_epoch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of batch losses, per-quartile loss sums, per-quartile x0-error sums,
+        per-quartile counts) of the epoch."""
+        return (self.epoch_sum.clone(), self.q_sum.clone(), self.q_x0_sum.clone(),
+                self.q_count.clone())
 
     @property
     def variant(self) -> str:
@@ -286,8 +302,9 @@ class TrainStep:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
 
         with self.autocast:
-            eps_pred = self.forward(x_t, t)
-        losses = loss_per_image(eps_pred, eps)  # float32, shape (B,)
+            out = self.forward(x_t, t)
+        errors = loss_per_image(out, target(self.prediction, self.schedule, x0, eps, t))  # (B,)
+        losses = errors if self.weight is None else errors * self.weight[t]
         loss = losses.mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -301,6 +318,7 @@ class TrainStep:
             self.window_sum += loss.detach()
             q = quartile_of(t, T)
             self.q_sum.index_add_(0, q, detached)
+            self.q_x0_sum.index_add_(0, q, errors.detach() * self.x0_scale[t])
             self.q_count.index_add_(0, q, torch.ones_like(detached))
             self.cursor += 1
 
