@@ -159,30 +159,36 @@ def test_gpu_indices_and_process_counts_are_checked_against_the_machine(monkeypa
         check_processes("auto", 3)
 
 
-def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
-    """What torch says when the disk fills mid-write (seen 2026-12-02) becomes a line that
-    says so; the previous file stays, and no temporary file is left."""
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB filesystem of its own (tmpfs), so that a write really runs out of space."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"mounting a 2 MiB tmpfs needs root: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(small_disk):
+    """A checkpoint that does not fit: torch's own error on a really full disk becomes a line
+    that says so; the previous file stays, and no temporary file is left."""
     from ddpm.evaluate import model_file
     from ddpm.train import checkpoint
 
-    path = tmp_path / "last.pt"
-    checkpoint.save(path, {"epoch": 1, "w": torch.zeros(1000)})
-
-    def full(payload, f):
-        f.write(b"\0" * 100)
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9478400 "
-                           "vs 9478292")
-
-    monkeypatch.setattr(checkpoint.torch, "save", full)
-    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 1000})())
+    path = small_disk / "last.pt"
+    checkpoint.save(path, {"epoch": 1, "w": torch.zeros(100_000)})  # 0.4 MB
     saver = checkpoint.BackgroundSaver()
-    saver.save(path, {"epoch": 2, "w": torch.zeros(10_000)})
+    saver.save(path, {"epoch": 2, "w": torch.zeros(1_000_000)})  # 4 MB: more than is free
     with pytest.raises(checkpoint.CheckpointWriteError) as caught:
         saver.wait()
     message = str(caught.value)
     assert "\n" not in message
-    assert f"writing {path} failed: the disk is full" in message
+    assert f"writing {path} failed: the disk is full" in message, message
     assert "the previous file was left as it was" in message
-    monkeypatch.undo()
     assert model_file.load(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert [p.name for p in small_disk.iterdir()] == ["last.pt"]

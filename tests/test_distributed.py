@@ -99,3 +99,46 @@ def test_a_killed_launcher_takes_its_workers_with_it_and_the_run_resumes(tmp_pat
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resuming from models/checkpoints/last.pt at epoch {epoch}" in done.stdout
     assert model_file.load(tmp_path / "models" / "model.pt")["epoch"] == 8
+
+
+RANK_1_DISAGREES = """
+import builtins, os, sys
+if os.environ.get("RANK", "0") != "0":  # a worker other than rank 0
+    real_import = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        module = real_import(name, *args, **kwargs)
+        stage = sys.modules.get("ddpm.train.stage")
+        if stage is not None and hasattr(stage, "resumable"):
+            stage.resumable = lambda *a, **k: False  # this rank would train from scratch
+        return module
+
+    builtins.__import__ = importing
+"""
+
+
+def test_every_rank_follows_rank_0s_resume_decision(tmp_path):
+    """Whether to resume is decided once, on rank 0, which may tidy the files it judged by:
+    a rank that judged for itself (here one made to disagree) would run other steps."""
+    images = np.random.default_rng(0).integers(0, 256, (16, 3, 16, 16), dtype=np.uint8)
+    data = write_processed(tmp_path / "processed", images)
+    params = write_params(tmp_path / "params.yaml", {
+        **TINY, "train": {"epochs": 2, "batch_size": 8, "device": "cpu", "compile": "off",
+                          "strip_every": 0, "nproc": 2}, "mlflow": {"enabled": False}})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RANK_1_DISAGREES)
+    cmd = [sys.executable, str(REPO / "stages" / "train.py"), "--params", str(params),
+           "--data", str(data)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = model_file.load(tmp_path / "models" / "model.pt")
+    again = subprocess.run(cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(hook)},
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from models/checkpoints/last.pt at epoch 2" in again.stdout
+    after = model_file.load(tmp_path / "models" / "model.pt")
+    assert after["step"] == before["step"] == 4
+    assert all(torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"])

@@ -13,6 +13,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, TINY, TINY_MODEL, dvc, make_dvc_project
 from ddpm.evaluate import model_file
@@ -69,7 +70,7 @@ def scripted_fid(monkeypatch):
         "count_a": self.cfg.num_samples})
 
 
-def stage_setup(tmp_path, name, fid_samples=8):
+def stage_setup(tmp_path, name, fid_samples=8, **fid_settings):
     images = np.random.default_rng(0).integers(0, 256, (16, 3, 16, 16), dtype=np.uint8)
     data = tmp_path / "processed"
     if not data.exists():
@@ -81,7 +82,8 @@ def stage_setup(tmp_path, name, fid_samples=8):
                        {"dataset_sha256": "0" * 64})
     params = params_from_dict({**TINY, "train": {
         "epochs": 4, "batch_size": 8, "device": "cpu", "compile": "off", "strip_every": 0,
-        "fid_every": 1, "fid_samples": fid_samples, "log_every": 1}, "mlflow": {"enabled": False}})
+        "fid_every": 1, "fid_samples": fid_samples, "log_every": 1, **fid_settings},
+        "mlflow": {"enabled": False}})
     out = tmp_path / name
     paths = train_stage.TrainPaths(data, out / "model.pt", out / "ckpt", out / "reports",
                                    out / "strips", out / "run.json", tmp_path / "stats.npz",
@@ -171,20 +173,82 @@ def test_a_kill_between_the_writes_resumes_to_the_uninterrupted_result(
     assert model_file.load(killed.checkpoint)["extra"]["fid_best"]["epoch"] == 4
 
 
-def test_a_resume_with_other_fid_settings_chooses_the_best_among_the_new_ones(
-        tmp_path, scripted_fid, capsys):
-    params, paths = stage_setup(tmp_path, "w", fid_samples=8)
+CHANGED_FID = {"fid_samples": 12, "fid_steps": 6, "fid_sampler": "dpmpp_2m", "fid_eta": 1.0}
+
+
+@pytest.mark.parametrize("key", sorted(CHANGED_FID))
+def test_a_resume_with_other_fid_settings_survives_a_kill_and_chooses_among_like_rows(
+        tmp_path, monkeypatch, scripted_fid, capsys, key):
+    """Every train.fid_* key may change between runs: the finished run is resumed and scored
+    again at its last epoch, and the best is chosen among the new settings' rows. A kill
+    during that catch-up evaluation loses nothing: the best file the checkpoint on disk
+    names stays until a checkpoint naming another replaces it."""
+    monkeypatch.setitem(FIDS, 4, 75.0)  # the first run's best: epoch 2 (60)
+    base = {"fid_sampler": "ddim", "fid_steps": 4, "fid_eta": 0.0}
+    params, paths = stage_setup(tmp_path, "w", **base)
     run_stage_here(params, paths)
-    more, _ = stage_setup(tmp_path, "w", fid_samples=12)
-    run_stage_here(more, paths)  # the finished run, scored again at its last epoch
+    assert model_file.load(paths.checkpoint)["extra"]["fid_best"]["epoch"] == 2
+    changed, _ = stage_setup(tmp_path, "w", **{**base, key: CHANGED_FID[key]})
+
+    with monkeypatch.context() as patch:
+        def killed_at_fid(self, model):
+            raise Killed
+
+        patch.setattr(FidEvaluator, "__call__", killed_at_fid)
+        with pytest.raises(Killed):
+            run_stage_here(changed, paths)
+    assert "resuming from" in capsys.readouterr().out
+    assert model_file.load(paths.checkpoint)["extra"]["fid_best"]["epoch"] == 2
+    assert (paths.checkpoints / "best-epoch0002.pt").exists()
+
+    run_stage_here(changed, paths)
     out = capsys.readouterr().out
-    assert "resuming from" in out and "the in-training FID settings changed" in out
+    assert "resuming from" in out and "the in-training FID settings changed" in out, out
     history = rows(paths)
-    assert [(int(r["epoch"]), int(r["samples"])) for r in history] == \
-        [(1, 8), (2, 8), (3, 8), (4, 8), (4, 12)]
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 4]
+    column = {"fid_samples": "samples", "fid_steps": "steps", "fid_sampler": "sampler",
+              "fid_eta": "eta"}[key]
+    before, after = ({yaml.safe_load(r[column]) for r in part} for part in (history[:4],
+                                                                             history[4:]))
+    assert before == {base.get(key, 8)} and after == {CHANGED_FID[key]}
     selected = model_file.load(paths.best)["selected"]
-    assert (selected["epoch"], selected["samples"]) == (4, 12)
-    assert model_file.load(paths.checkpoint)["extra"]["fid"][-1]["samples"] == 12
+    assert selected["epoch"] == 4 and selected["fid"] == 75.0  # the only row of its kind
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["best-epoch0004.pt",
+                                                                   "last.pt"]
+
+
+def test_a_cuda_checkpoint_resumes_on_a_cpu(tmp_path, scripted_fid, capsys):
+    """A CUDA generator's state (16 bytes) cannot be loaded into a CPU generator: the noise
+    goes on from a stream seeded by (seed, step), the same for every such resume."""
+    params, paths = stage_setup(tmp_path, "w")
+    with pytest.MonkeyPatch.context() as patch:
+        calls = []
+
+        def killed_at_epoch_3(self, model):
+            calls.append(1)
+            if len(calls) == 3:
+                raise Killed
+            return {"fid": 1.0, "kid": 0.0, "count_a": 8}
+
+        patch.setattr(FidEvaluator, "__call__", killed_at_epoch_3)
+        with pytest.raises(Killed):
+            run_stage_here(params, paths)
+    capsys.readouterr()
+    saved = model_file.load(paths.checkpoint)
+    assert saved["epoch"] == 2
+    saved["rng"]["noise"] = torch.arange(16, dtype=torch.uint8)  # as torch.cuda's Philox
+    saved["rng"].pop("noise_device", None)  # as checkpoints written before it was recorded
+    checkpoint.save(paths.checkpoint, saved)
+    results = []
+    for _ in range(2):
+        checkpoint.save(paths.checkpoint, saved)
+        run_stage_here(params, paths)
+        out = capsys.readouterr().out
+        assert "resuming from" in out and "the checkpoint was written on cuda" in out, out
+        results.append(model_file.load(paths.model))
+    assert results[0]["step"] == results[1]["step"] == 8
+    assert all(torch.equal(results[0]["ema"][k], results[1]["ema"][k]) for k in
+               results[0]["ema"])
 
 
 # ---------------------------------------------------------------- the optimizer, capture

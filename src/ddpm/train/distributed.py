@@ -54,6 +54,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank0(value: object) -> object:
+    """Rank 0's `value` on every rank (the others' own are ignored); `value` in one process."""
+    if world()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_mean(*tensors: torch.Tensor) -> None:
     """Average tensors over ranks in place (a no-op in one process)."""
     import torch.distributed as dist

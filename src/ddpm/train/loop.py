@@ -66,11 +66,14 @@ class Callback(Protocol):
 
 def run_config(diffusion: DiffusionConfig, model: ModelConfig, train: TrainConfig,
                data_hash: str) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed exactly."""
+    """What a checkpoint must match to be resumed. Left out: how fast or where it trains
+    (device, compile, layout, graphs), the cadences, and the in-training FID's settings
+    (every train.fid_* key: its rows keep the settings they were scored with and the best
+    is chosen among like rows, `fid_curve.continue_best`)."""
     sticky = {k: v for k, v in as_dict(train).items()
               if k not in ("device", "checkpoint_every", "strip_every", "log_every", "compile",
                            "compile_mode", "channels_last", "cuda_graph", "fid_every",
-                           "fid_samples", "fid_steps")}
+                           "fid_samples", "fid_sampler", "fid_steps", "fid_eta")}
     return {"diffusion": as_dict(diffusion), "model": as_dict(model), "train": sticky,
             "data_hash": data_hash}
 

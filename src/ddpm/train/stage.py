@@ -45,6 +45,7 @@ from .fid_curve import (FidEvaluator, TrainFid, best_weights, check_reference,
                               continue_best, named_best, prune_best, summary_fields,
                               write_fid_csv)
 from .loop import EpochSummary, final_weights, run_config, steps_per_epoch, train
+from .step import noise_device
 from ..model.unet import UNet, count_parameters
 
 TRAIN_SECTIONS = ("data", "preprocess", "diffusion", "model", "train")
@@ -172,15 +173,16 @@ def _train_process(params: Params, paths: TrainPaths, inputs: Inputs, code: dict
     run_cfg = run_config(params.diffusion, params.model, cfg, manifest["sha256"])
     size = images.shape[-1]
     evaluator = fid_evaluator(params, inputs.reference, size, device)
-    saved = None
+    resume = None
     if rank == 0:
         prepare_outputs(paths, log)
         saved = read_checkpoint(paths.checkpoint, log)
-    distributed.barrier()  # the others read the checkpoint rank 0 kept
-    if rank != 0 and paths.checkpoint.exists():
-        saved = model_file.load(paths.checkpoint)
-    resume = saved if saved is not None and resumable(saved, run_cfg, code, paths, log) \
-        else None
+        if saved is not None and resumable(saved, run_cfg, code, paths, device, log):
+            resume = saved
+    # One decision, rank 0's: the other ranks never judge the files rank 0 tidies next.
+    if distributed.from_rank0(resume is not None) and rank != 0:
+        resume = model_file.load(paths.checkpoint)
+    distributed.barrier()  # every rank holds the checkpoint before rank 0 touches the files
     if rank == 0:
         start_outputs(paths, resume, evaluator.settings, log)
     n_params = count_parameters(UNet(params.model))
@@ -227,23 +229,34 @@ def prepare_outputs(paths: TrainPaths, log: Callable[[str], None]) -> None:
 
 def start_outputs(paths: TrainPaths, resume: Optional[dict[str, Any]],
                   fid_settings: dict[str, Any], log: Callable[[str], None]) -> None:
-    """Bring the outputs in line with the state training starts from. From scratch: no
-    strips, best weights or FID history of another run. On resume: the best-weights file
-    the checkpoint names is the only one kept (a later one was written after it, by the
-    run that was killed) and train_fid.csv is its history. models/best.pt is published
-    from the named file when the stage ends."""
+    """Bring the outputs in line with the state training starts from. A best-weights file
+    stays as long as a checkpoint on disk names it.
+
+    From scratch: the checkpoint that is not resumed goes first, then every best file
+    (none is named any more), the strips and the FID history of that run. On resume:
+    the best file the checkpoint names is the only one kept (a later one was written
+    after it, by the run that was killed) and train_fid.csv is its history. When the
+    train.fid_* settings changed, that file still stays: the checkpoint on disk names it
+    until the next one, which names the best among the new settings' rows, replaces it
+    (then `Checkpointer`'s `after` deletes the old file). models/best.pt is published from
+    the named file when the stage ends."""
     paths.best.unlink(missing_ok=True)
     if resume is None:
+        if paths.checkpoint.exists():
+            paths.checkpoint.unlink()
+            log(f"removed {paths.checkpoint}: training from scratch")
+        for path in prune_best(paths.checkpoints, None):
+            log(f"removed {path}: the best weights of the checkpoint not resumed")
         shutil.rmtree(paths.strips, ignore_errors=True)
         paths.strips.mkdir(parents=True)
-        prune_best(paths.checkpoints, None)
         paths.fid_csv.unlink(missing_ok=True)
         return
     extra = resume.setdefault("extra", {})
+    named = named_best(extra, paths.checkpoints)  # what the checkpoint on disk names
     dropped = continue_best(extra, fid_settings)
     if dropped:
         log(f"note: {dropped}")
-    for path in prune_best(paths.checkpoints, named_best(extra, paths.checkpoints)):
+    for path in prune_best(paths.checkpoints, named):
         log(f"removed {path}: not the best weights of the run being resumed")
     write_fid_csv(paths.fid_csv, extra.get("fid", []))
 
@@ -264,8 +277,9 @@ def read_checkpoint(path: Path, log: Callable[[str], None]) -> Optional[dict[str
 
 
 def resumable(saved: dict[str, Any], run_cfg: dict[str, Any], code: dict[str, str],
-              paths: TrainPaths, log: Callable[[str], None]) -> bool:
-    """Whether `saved` can be continued exactly by this code, settings and data."""
+              paths: TrainPaths, device: torch.device, log: Callable[[str], None]) -> bool:
+    """Whether `saved` can be continued by this code, settings and data (exactly, bit for
+    bit, on the same kind of device and precision; on another the noise stream differs)."""
     reasons = []
     if "code" not in saved:
         reasons.append("it does not name the code that made it (written before checkpoints "
@@ -285,6 +299,11 @@ def resumable(saved: dict[str, Any], run_cfg: dict[str, Any], code: dict[str, st
             + "; training from scratch")
         return False
     log(f"resuming from {paths.checkpoint} at epoch {saved['epoch']} (step {saved['step']})")
+    was = noise_device(saved)
+    if was != device.type:
+        log(f"note: the checkpoint was written on {was}, training goes on on {device.type}: "
+            f"t, eps and the flips come from a new {device.type} stream seeded by (train.seed, "
+            f"step), so the run continues but not bit for bit as on {was}")
     return True
 
 

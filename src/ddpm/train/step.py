@@ -89,7 +89,7 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "order": self.order_gen.get_state(),
-               "noise": self.noise_gen.get_state()}
+               "noise": self.noise_gen.get_state(), "noise_device": self.noise_gen.device.type}
         if self.noise_gen.device.type == "cuda":  # dropout on this process's GPU
             rng["cuda"] = torch.cuda.get_rng_state(self.noise_gen.device)
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
@@ -115,9 +115,33 @@ class TrainState:
         self.extra = dict(state.get("extra", {}))
         torch.set_rng_state(state["rng"]["torch"])
         self.order_gen.set_state(state["rng"]["order"])
-        self.noise_gen.set_state(state["rng"]["noise"])
+        if noise_device(state) == self.noise_gen.device.type:
+            self.noise_gen.set_state(state["rng"]["noise"])
+        else:
+            # A CUDA generator's state (Philox: seed and offset, 16 bytes) means nothing to a
+            # CPU one (Mersenne Twister, 5,056 bytes) and the reverse: the draws go on from a
+            # stream of this device seeded by (the run's noise seed, the step).
+            self.noise_gen.manual_seed(resumed_noise_seed(self.noise_gen.initial_seed(),
+                                                          self.step))
         if "cuda" in state["rng"] and self.noise_gen.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.noise_gen.device)
+
+
+def noise_device(state: dict[str, Any]) -> str:
+    """The device type a checkpoint's noise generator ran on (`cpu` or `cuda`); checkpoints
+    that do not say are told apart by the state's size (a CUDA generator's is 16 bytes)."""
+    rng = state["rng"]
+    if "noise_device" in rng:
+        return rng["noise_device"]
+    return "cuda" if rng["noise"].numel() == 16 else "cpu"
+
+
+def resumed_noise_seed(seed: int, step: int) -> int:
+    """The noise generator's seed when a checkpoint resumes on another kind of device."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, step]).generate_state(2, np.uint32)
+    return int(state.view(np.uint64)[0] >> 1)
 
 
 ADAM_FLAGS = ("fused", "capturable", "foreach")  # which implementation of Adam runs
