@@ -95,6 +95,17 @@ def run_stage_here(params, paths):
     train_stage.run(params, paths, script=SCRIPT, argv=[])
 
 
+def killed_at_first_fid(monkeypatch, params, paths):
+    """Run the stage and kill it at its first in-training FID evaluation."""
+    def killed_at_fid(self, model):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FidEvaluator, "__call__", killed_at_fid)
+        with pytest.raises(Killed):
+            run_stage_here(params, paths)
+
+
 def rows(paths):
     return [{k: v for k, v in r.items() if k != "seconds"}
             for r in csv.DictReader(paths.fid_csv.open())]
@@ -155,13 +166,7 @@ def test_a_kill_between_the_writes_resumes_to_the_uninterrupted_result(
 
     # Killed again at the resumed run's first evaluation: the state it started from is on
     # disk, in agreement (only the best file its checkpoint names, its history as the CSV).
-    with monkeypatch.context() as patch:
-        def killed_at_fid(self, model):
-            raise Killed
-
-        patch.setattr(FidEvaluator, "__call__", killed_at_fid)
-        with pytest.raises(Killed):
-            run_stage_here(params, killed)
+    killed_at_first_fid(monkeypatch, params, killed)
     named = saved["extra"]["fid_best"]["epoch"]
     assert sorted(p.name for p in killed.checkpoints.glob("best-*.pt")) == \
         [f"best-epoch{named:04d}.pt"]
@@ -190,13 +195,7 @@ def test_a_resume_with_other_fid_settings_survives_a_kill_and_chooses_among_like
     assert model_file.load(paths.checkpoint)["extra"]["fid_best"]["epoch"] == 2
     changed, _ = stage_setup(tmp_path, "w", **{**base, key: CHANGED_FID[key]})
 
-    with monkeypatch.context() as patch:
-        def killed_at_fid(self, model):
-            raise Killed
-
-        patch.setattr(FidEvaluator, "__call__", killed_at_fid)
-        with pytest.raises(Killed):
-            run_stage_here(changed, paths)
+    killed_at_first_fid(monkeypatch, changed, paths)
     assert "resuming from" in capsys.readouterr().out
     assert model_file.load(paths.checkpoint)["extra"]["fid_best"]["epoch"] == 2
     assert (paths.checkpoints / "best-epoch0002.pt").exists()
