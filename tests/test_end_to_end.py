@@ -366,6 +366,12 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
     import mlflow
     from ddpm.tracking import replay_spool
 
+    # The spool as it is now, to replay it again later as if the first replay had been
+    # killed just before it renamed the file (its kept files with it).
+    pristine = tmp_path / "pristine"
+    shutil.copytree(spooled[0].parent, pristine)
+    copy = pristine / spooled[0].name
+    copy.write_text(copy.read_text().replace(str(spooled[0].parent), str(pristine)))
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     run_id = replay_spool(spooled[0], tracking_uri=uri)
@@ -377,3 +383,16 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
     version = client.get_model_version("ddpm-stanford-cars", "1")
     assert version.run_id == run_id and version.source == f"models:/{run.data.tags['ddpm.model_id']}"
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["synthetic-cars"]
+
+    def held():
+        experiments = [run.info.experiment_id]
+        return (len(client.search_runs(experiments)), len(client.search_logged_models(experiments)),
+                len(client.search_model_versions("name = 'ddpm-stanford-cars'")),
+                {key: len(client.get_metric_history(run_id, key)) for key in run.data.metrics},
+                sorted(a.path for a in client.list_artifacts(run_id, "images")),
+                len(client.get_run(run_id).inputs.dataset_inputs))
+
+    once = held()
+    assert once[:3] == (1, 1, 1) and once[3]["train/loss"] >= 2 and once[4]
+    assert replay_spool(copy, tracking_uri=uri) == run_id  # a second replay adds nothing
+    assert held() == once

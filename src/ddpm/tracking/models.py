@@ -15,22 +15,30 @@ pinned pip requirements, so logging never infers an environment (offline: a 120 
 subprocess). The run's tags `ddpm.model_id` / `ddpm.best_model_id` name them; evaluate
 attaches its FID/KID to the one its samples came from. Logging goes through the tracker's
 background thread like every other call: a store that is down spools it with the rest,
-with one warning. A model the run already holds (a replay, a rerun of a finished training)
-is not logged twice.
+with one warning, and the spool keeps its own copy of the weights (`keep_weights`), so a
+retrain before the replay cannot change what is logged.
+
+Exactly once: a model record has an id (`RECORD_TAG`) that its LoggedModel and registered
+version carry. Logging it again (a replay after a failure anywhere, a rerun of a finished
+training) finds what the first attempt made: a READY model is kept, a half-made one deleted
+and made again, a version with the record's id is not registered twice, and a run that
+holds the model's tag is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from .store import _say
+from .store import RECORD_TAG
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE = Path(__file__).resolve().parents[1]  # src/ddpm, the model's code
@@ -57,8 +65,9 @@ def model_op(name: str, checkpoint: str | Path, step: int, sampling: Mapping[str
     """The tracker record that logs `checkpoint` as the run's `name` model ('final' or 'best')."""
     if name not in MODEL_TAGS:
         raise ValueError(f"model name must be one of {', '.join(MODEL_TAGS)}, got {name!r}")
-    return {"op": "model", "name": name, "checkpoint": str(Path(checkpoint).resolve()),
-            "step": int(step), "sampling": dict(sampling), "register": register,
+    return {"op": "model", "id": uuid.uuid4().hex, "name": name,
+            "checkpoint": str(Path(checkpoint).resolve()), "step": int(step),
+            "sampling": dict(sampling), "register": register,
             "version_tags": {k: str(v) for k, v in (version_tags or {}).items() if v}}
 
 
@@ -70,42 +79,55 @@ def log_model(client: Any, run_id: str, op: dict[str, Any]) -> None:
     if tag in run.data.tags:
         return  # logged already
     checkpoint = Path(op["checkpoint"])
-    if not checkpoint.is_file():
-        _say(f"{checkpoint} is gone; the {op['name']} model of run {run_id} is not logged")
-        return
+    if not checkpoint.is_file():  # not sent: a replay keeps the record and says so
+        raise FileNotFoundError(errno.ENOENT, f"the weights of the {op['name']} model are gone",
+                                str(checkpoint))
+    record = op.get("id") or f"{run_id}/{op['name']}"
     with _fluent_store(client.tracking_uri):
-        _log_and_register(mlflow, client, run, op, tag, checkpoint)
+        model = _logged_model(mlflow, client, run, op, record, checkpoint)
+        if op.get("register"):
+            _register(mlflow, client, run, op, record, model.model_id)
+    client.set_tag(run_id, tag, model.model_id)
 
 
 @contextlib.contextmanager
 def _fluent_store(uri: str) -> Iterator[None]:
-    """Model.log and register_model use the fluent API's store: this client's, for the
-    call only. mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every
-    later subprocess (a DVC stage) would inherit: both are put back."""
+    """Model.log and register_model use the fluent API's store (and so does the sqlite
+    registry when it resolves `models:/<id>`): this client's, for the call only.
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every later subprocess
+    (a DVC stage) would inherit. Afterwards the fluent store is unset again
+    (`set_tracking_uri(None)`, as MLflow's own `_use_tracking_uri` does; nothing in this
+    project sets it otherwise: every call goes through a client with its URI) and
+    MLFLOW_TRACKING_URI is put back."""
     import mlflow
-    from mlflow.tracking._tracking_service import utils
 
-    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        utils._tracking_uri = before
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
+        mlflow.set_tracking_uri(None)
+        if env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-def _log_and_register(mlflow: Any, client: Any, run: Any, op: dict[str, Any], tag: str,
-                      checkpoint: Path) -> None:
+def _logged_model(mlflow: Any, client: Any, run: Any, op: dict[str, Any], record: str,
+                  checkpoint: Path) -> Any:
+    """The LoggedModel of `record`: the one an earlier attempt finished, else a new one."""
     from mlflow.entities import LoggedModelStatus
     from mlflow.models import Model
 
-    run_id = run.info.run_id
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    for found in client.search_logged_models(
+            [experiment_id], filter_string=f"tags.`{RECORD_TAG}` = '{record}'"):
+        if found.status == LoggedModelStatus.READY:
+            return found
+        # Half-made (its run output may be recorded already, which MLflow refuses twice).
+        client.delete_logged_model(found.model_id)
     model = client.create_logged_model(
-        run.info.experiment_id, name=op["name"], source_run_id=run_id, model_type="ddpm",
-        params=dict(run.data.params), tags={"ddpm.checkpoint": checkpoint.name})
+        experiment_id, name=op["name"], source_run_id=run_id, model_type="ddpm",
+        params=dict(run.data.params), tags={"ddpm.checkpoint": checkpoint.name,
+                                            RECORD_TAG: record})
     try:
         with tempfile.TemporaryDirectory() as tmp:
             sampling = Path(tmp, "sampling.json")
@@ -119,16 +141,23 @@ def _log_and_register(mlflow: Any, client: Any, run: Any, op: dict[str, Any], ta
                       artifacts={"checkpoint": str(weights), "sampling": str(sampling)},
                       code_paths=[str(code)], pip_requirements=pip_requirements())
     except BaseException:
-        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        with contextlib.suppress(Exception):
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         raise
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    if op.get("register"):
-        tags = {**op.get("version_tags", {}), "ddpm.run_id": run_id}
+    return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+
+def _register(mlflow: Any, client: Any, run: Any, op: dict[str, Any], record: str,
+              model_id: str) -> None:
+    """A new version of `op["register"]` for the model, unless `record` made one already."""
+    name, run_id = op["register"], run.info.run_id
+    if not any(v.tags.get(RECORD_TAG) == record for v in client.search_model_versions(
+            f"name = '{name}' AND run_id = '{run_id}'")):
+        tags = {**op.get("version_tags", {}), "ddpm.run_id": run_id, RECORD_TAG: record}
         commit = run.data.tags.get("mlflow.source.git.commit")
         if commit:
             tags.setdefault("git.commit", commit)
-        mlflow.register_model(f"models:/{model.model_id}", op["register"], tags=tags)
-    client.set_tag(run_id, tag, model.model_id)
+        mlflow.register_model(f"models:/{model_id}", name, tags=tags)
 
 
 def ema_only(checkpoint: Path, out: Path) -> None:
@@ -140,6 +169,19 @@ def ema_only(checkpoint: Path, out: Path) -> None:
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     with open(out, "wb") as f:
         torch.save({key: value for key, value in payload.items() if key != "model"}, f)
+
+
+def keep_weights(op: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A model record to be spooled, with its own copy of the EMA weights in `folder` (what
+    replay logs): a retrain before the replay, or a queued experiment's temporary copy
+    going away, cannot change or take them. A file already gone stays named (replay says so)."""
+    source = Path(op["checkpoint"])
+    if not source.is_file():
+        return op
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = Path(tempfile.mkdtemp(dir=folder)) / source.name
+    ema_only(source, kept)
+    return {**op, "checkpoint": str(kept)}
 
 
 # --- datasets ----------------------------------------------------------------------
