@@ -49,7 +49,7 @@ def _say(message: str) -> None:
 
 
 def _note(message: str) -> None:
-    """What tracking did that a user wants to know, and no warning."""
+    """What tracking did that a user wants to know, and no warning (the registry's champion)."""
     print(f"tracking: {message}", file=sys.stderr, flush=True)
 
 
@@ -262,6 +262,10 @@ def _apply(client: Any, run_id: str, op: dict[str, Any]) -> None:
         from .models import log_dataset
 
         log_dataset(client, run_id, op)
+    elif kind == "score":
+        from .models import score_model
+
+        score_model(client, run_id, op)
     elif kind == "end":
         client.set_terminated(run_id, op["status"], op["end_time"])
     else:
