@@ -486,6 +486,12 @@ def test_three_queued_experiments_at_once_on_a_fresh_clone(tmp_path: Path) -> No
         assert_complete(client, run)
         assert run.data.params["train.seed"] == str(seed)
         assert run.data.tags.get("dvc.baseline_rev")
+    # Scored alike while they evaluated at once: the champion is the lowest FID of the three.
+    fids = {version.version: run.data.metrics["evaluate/fid"] for run in by_name.values()
+            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'")}
+    assert len(fids) == 3
+    assert str(client.get_registered_model("ddpm-stanford-cars").aliases["champion"]) == \
+        str(min(fids, key=fids.get))
     assert not list((root / tracking.SPOOL_DIR).glob("*.jsonl"))
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))  # none in the copies
     assert all(f"seed-{s}" in dvc("exp", "show", "--csv", cwd=root).stdout for s in seeds)

@@ -3,7 +3,7 @@ run. Logged as a model from code (`tracking/models.py`): this file is copied int
 the `ddpm` package beside it as its code, the weights as the `checkpoint` artifact in the train
 stage's format (loaded with weights_only) and the defaults as the `sampling` artifact.
 
-    model = mlflow.pyfunc.load_model("models:/ddpm-stanford-cars/1")
+    model = mlflow.pyfunc.load_model("models:/ddpm-stanford-cars@champion")  # or /<version>
     images = model.predict({"num_samples": 8, "seed": 0, "sampler": "ddim", "steps": 20})
     # uint8, 8 x S x S x 3; the same images as `ddpm sample -n 8 --seed 0 --sampler ddim --steps 20`
 
@@ -12,7 +12,7 @@ A request is one dict (or a one-row DataFrame, or a list of one dict; served, th
 `models.REQUEST_TYPES` (num_samples, seed, sampler, steps, eta, clip); the ones
 left out take the defaults the run logged. A bad request is an MlflowException of one line,
 which the scoring server answers with HTTP 400: a value of the wrong type (a fractional
-`steps`, a `seed` below 0), a NaN or infinite `eta`, a count outside 1..max_samples, an
+`steps`), a `seed` below 0, a NaN or infinite `eta`, a count outside 1..max_samples, an
 unknown sampler, or more work than the model's bound: num_samples x model evaluations (ddpm:
 all T) above `max_work` of the sampling defaults, which the train stage records with the model.
 
