@@ -1,5 +1,9 @@
-"""Stage `evaluate`: FID and KID of the generated samples against the reference statistics."""
+"""Stage `evaluate`: FID and KID of the generated samples against the reference statistics;
+in MLflow, the scores go onto the model the samples came from and, when it is a registered
+version, onto its description, and the version with the best FID among those scored alike
+gets the alias `champion`."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -46,11 +50,20 @@ def main() -> None:
                                       args.run_file):
         tracker.log_dataset(reference)
         # Attached to the logged model the samples came from (generate.checkpoint's).
-        model = tracker.model_id("best" if tracker.param("generate.checkpoint") == "best"
-                                 else "final")
+        name = "best" if tracker.param("generate.checkpoint") == "best" else "final"
+        model = tracker.model_id(name)
         tracker.log_metrics({f"evaluate/{k}": v for k, v in result.items()
                              if isinstance(v, (int, float))}, model_id=model, dataset=reference)
         tracker.log_artifact(args.out, "reports")
+        # How the samples were made (generate's info.json): scores are compared only alike.
+        info_file = args.samples / "info.json"
+        info = json.loads(info_file.read_text()) if info_file.exists() else {}
+        settings = {key: info.get(key) for key in ("sampler", "steps", "eta", "clip",
+                                                   "variance", "weights")}
+        settings.update(samples=result["num_samples"],
+                        reference=str(meta.get("dataset_sha256", "unknown"))[:12])
+        tracker.score_model(name, settings, {k: v for k, v in result.items()
+                                             if k in ("fid", "kid", "kid_std")})
     kid = f", KID {result['kid']:.5f} ± {result['kid_std']:.5f}" if cfg.kid else ""
     stageutil.log(f"FID {result['fid']:.2f}{kid} on {result['num_samples']} samples -> {args.out}")
 

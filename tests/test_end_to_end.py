@@ -207,6 +207,12 @@ def test_the_train_run_registers_its_model_with_its_scores(project):
     best_tag = run.data.tags.get("ddpm.best_model_id")
     assert (best_tag is not None) == (report["best_epoch"] != report["epochs"])
     assert len(client.search_registered_models()) == 1
+    # The version says what made it and how it scored; the first one scored is the champion.
+    assert f"Trained in run `{run.info.run_id}`" in version.description
+    assert f"FID {evaluated['fid']:.4g}, KID {evaluated['kid']:.4g}" in version.description
+    assert "on 24 samples, ddim, 5 steps, eta 0, reference" in version.description
+    assert {alias: str(v) for alias, v in client.get_registered_model(REGISTERED).aliases
+            .items()} == {"champion": "1"}
 
 
 def test_the_run_lists_its_training_and_evaluation_data(project):
@@ -262,7 +268,7 @@ def test_the_model_serves_images_and_refuses_bad_requests_with_one_message(proje
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED}/1",
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{REGISTERED}@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -293,15 +299,21 @@ def test_the_model_serves_images_and_refuses_bad_requests_with_one_message(proje
         sampled = _ddpm_sample(project, tmp_path / "png", "-n", "2", "--seed", "5",
                                "--sampler", "ddim", "--steps", "4")
         np.testing.assert_array_equal(images, sampled)
+        # MLflow's server puts "Failed to predict data '<the request>'. \nError: " first.
         for body, says in [({"inputs": {"num_samples": -1}}, "num_samples: must be 1 to"),
                            ({"inputs": {"num_samples": 100000}}, "num_samples: must be 1 to"),
                            ({"inputs": {"sampler": "euler"}}, "unknown sampler 'euler'"),
                            ({"inputs": {"steps": 999}}, "at most the model's diffusion steps"),
-                           ({"inputs": {"colour": "red"}}, "unknown request key(s) colour")]:
+                           ({"inputs": {"steps": 4.5}}, "steps: must be int, got 4.5"),
+                           ({"inputs": {"seed": -1}}, "seed: must be 0 or more, got -1"),
+                           ({"inputs": {"clip": "no"}}, "clip: must be bool, got 'no'"),
+                           ({"inputs": {"sampler": "ddim", "eta": float("nan")}},
+                            "eta: must be a finite number, got nan")]:
             status, reply = post(body)
             assert status == 400, (body, reply)
-            assert says in reply["message"] and "Traceback" not in json.dumps(reply), reply
-            assert "stack_trace" not in reply
+            line = reply["message"].split("\nError: ")[-1]
+            assert says in line and "\n" not in line, reply
+            assert "Traceback" not in json.dumps(reply) and "stack_trace" not in reply, reply
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
@@ -325,6 +337,11 @@ def test_changing_generate_reruns_only_generate_and_evaluate_in_a_new_run(projec
     assert len(client.get_metric_history(new.info.run_id, "train/loss")) == \
         len(client.get_metric_history(old.info.run_id, "train/loss"))
     assert new.data.tags["ddpm.train_run_id"] == old.info.run_id
+    # The registered version keeps both scores, each with its settings; 5 and 10 steps are
+    # not compared with each other.
+    described = client.get_model_version(REGISTERED, "1").description
+    assert "on 24 samples, ddim, 5 steps" in described and "on 24 samples, ddim, 10 steps" \
+        in described
 
 
 def test_changing_evaluate_never_reruns_reference_and_does_not_fail(project):
@@ -381,6 +398,12 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
     import mlflow
     from ddpm.tracking import replay_spool
 
+    # The spool as it is now, to replay it again later as if the first replay had been
+    # killed just before it renamed the file (its kept files with it).
+    pristine = tmp_path / "pristine"
+    shutil.copytree(spooled[0].parent, pristine)
+    copy = pristine / spooled[0].name
+    copy.write_text(copy.read_text().replace(str(spooled[0].parent), str(pristine)))
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     run_id = replay_spool(spooled[0], tracking_uri=uri)
@@ -392,3 +415,16 @@ def test_training_survives_an_unreachable_tracking_server(tmp_path):
     version = client.get_model_version("ddpm-stanford-cars", "1")
     assert version.run_id == run_id and version.source == f"models:/{run.data.tags['ddpm.model_id']}"
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["synthetic-cars"]
+
+    def held():
+        experiments = [run.info.experiment_id]
+        return (len(client.search_runs(experiments)), len(client.search_logged_models(experiments)),
+                len(client.search_model_versions("name = 'ddpm-stanford-cars'")),
+                {key: len(client.get_metric_history(run_id, key)) for key in run.data.metrics},
+                sorted(a.path for a in client.list_artifacts(run_id, "images")),
+                len(client.get_run(run_id).inputs.dataset_inputs))
+
+    once = held()
+    assert once[:3] == (1, 1, 1) and once[3]["train/loss"] >= 2 and once[4]
+    assert replay_spool(copy, tracking_uri=uri) == run_id  # a second replay adds nothing
+    assert held() == once

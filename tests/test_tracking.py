@@ -24,7 +24,7 @@ except ImportError:  # not installed into the environment: use the source tree
     sys.path.insert(0, str(ROOT / "src"))
 
 from ddpm import tracking  # noqa: E402
-from ddpm.config import MlflowConfig  # noqa: E402
+from ddpm.config import MlflowConfig, as_dict  # noqa: E402
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -49,6 +49,23 @@ def repo(tmp_path: Path, empty_db: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     monkeypatch.chdir(tmp_path)
     shutil.copy(empty_db, tmp_path / "mlflow.db")
     return tmp_path
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A models/model.pt as the train stage writes it, of conftest's tiny U-Net (16x16)."""
+    import torch
+
+    from conftest import TINY_DIFFUSION, TINY_MODEL
+    from ddpm.model.unet import UNet
+
+    torch.manual_seed(seed)
+    weights = UNet(TINY_MODEL).state_dict()
+    payload = {"config": {"model": as_dict(TINY_MODEL), "diffusion": as_dict(TINY_DIFFUSION),
+                          "image_size": 16},
+               "model": weights, "ema": weights, "epoch": 1, "step": 40}
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+    return path
 
 
 def png(path: Path, shade: int = 0) -> Path:
@@ -456,3 +473,204 @@ def test_silent_server_is_given_up_on_and_replay_creates_the_run(
     assert run.data.params == {"train.lr": "0.0001"}
     assert run.data.tags["ddpm.device"] == "cpu"
     assert [s for s, _, _ in history(client(store), run_id, "train/loss")] == [0, 1, 2]
+
+
+# --- a spool sent exactly once ----------------------------------------------------
+
+SAMPLING = {"num_samples": 2, "seed": 0, "sampler": "ddim", "steps": 2, "eta": 0.0,
+            "clip": True, "batch_size": 8, "max_samples": 8, "max_work": 64, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def spooled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The spool of a training whose store was down from its start (a header without a run
+    id), holding every kind of record, a registered model among them; then a retrain
+    rewrote the weights the model record named. Returns the spool file and the EMA weights
+    the model had when it was spooled."""
+    import torch
+
+    root = tmp_path_factory.mktemp("spooled")
+    with pytest.MonkeyPatch.context() as env:
+        for name in ENV:
+            env.delenv(name, raising=False)
+        env.setenv("DVC_ROOT", str(root))
+        env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+        env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        checkpoint = tiny_checkpoint(root / "model.pt")
+        strip = png(root / "strip.png")
+        with tracking.Tracker(MlflowConfig(experiment="cars")).start(
+                run_name="offline", tags={"ddpm.device": "cpu"}) as tracker:
+            tracker.log_params({"train.lr": 1e-4})
+            for step in range(3):
+                tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+            for step in range(2):
+                tracker.log_image(strip, "reverse_strip", step=step)
+            tracker.log_artifact(strip, "figures")
+            tracker.log_dataset(tracking.dataset_op("cars", "synthetic:x", "ab" * 32,
+                                                    "training", {}))
+            tracker.log_model("final", checkpoint, 2, SAMPLING, register="cars")
+    ema = torch.load(checkpoint, weights_only=True)["ema"]
+    tiny_checkpoint(checkpoint, seed=1)  # a retrain before anyone replays
+    return tracker.spool_path, ema
+
+
+def copy_spool(spooled: tuple[Path, dict], repo: Path) -> Path:
+    """The spool in this test's repository, its kept files there too."""
+    spool, _ = spooled
+    folder = repo / tracking.SPOOL_DIR
+    shutil.copytree(spool.parent, folder)
+    copy = folder / spool.name
+    copy.write_text(copy.read_text().replace(str(spool.parent), str(folder)))
+    return copy
+
+
+def store(repo: Path) -> str:
+    return f"sqlite:///{repo}/mlflow.db"
+
+
+def assert_sent_once(repo: Path) -> str:
+    """Every record of the spool in the store, each once; returns the run id."""
+    c = client(store(repo))
+    experiment = c.get_experiment_by_name("cars")
+    (run,) = c.search_runs([experiment.experiment_id])
+    run_id = run.info.run_id
+    assert (run.info.run_name, run.info.status) == ("offline", "FINISHED")
+    assert run.data.params == {"train.lr": "0.0001"} and run.data.tags["ddpm.device"] == "cpu"
+    assert [s for s, _, _ in history(c, run_id, "train/loss")] == [0, 1, 2]
+    assert image_steps(c, run_id, "reverse_strip") == [0, 1]
+    assert [a.path for a in c.list_artifacts(run_id, "figures")] == ["figures/strip.png"]
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["cars"]
+    (model,) = c.search_logged_models([experiment.experiment_id])
+    assert str(model.status) == "READY" and run.data.tags["ddpm.model_id"] == model.model_id
+    (version,) = c.search_model_versions("name = 'cars'")
+    assert version.source == f"models:/{model.model_id}" and version.run_id == run_id
+    return run_id
+
+
+def test_a_spooled_model_is_logged_as_it_was_when_spooled(
+        repo: Path, spooled: tuple[Path, dict]) -> None:
+    """A retrain between spool and replay (or a queued experiment's copy deleted) must not
+    change or lose the model: the spool keeps its own copy of the EMA weights."""
+    import torch
+
+    run_id = tracking.replay_spool(copy_spool(spooled, repo), tracking_uri=store(repo))
+    assert assert_sent_once(repo) == run_id
+    model_id = client(store(repo)).get_run(run_id).data.tags["ddpm.model_id"]
+    local = mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(repo / "m"))
+    (logged,) = Path(local, "artifacts").glob("*.pt")
+    weights = torch.load(logged, weights_only=True)["ema"]
+    _, spooled_ema = spooled
+    assert all(torch.equal(weights[key], spooled_ema[key]) for key in spooled_ema)
+
+
+def test_a_record_whose_file_is_gone_is_kept_not_counted_as_sent(
+        repo: Path, spooled: tuple[Path, dict]) -> None:
+    spool = copy_spool(spooled, repo)
+    (weights,) = [Path(r["checkpoint"]) for r in map(json.loads, spool.read_text().splitlines())
+                  if r["op"] == "model"]
+    aside = weights.rename(repo / "aside.pt")
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.replay_spool(spool, tracking_uri=store(repo))
+    assert str(err.value) == (f"9 of 10 calls sent; 1 not: their files are gone ({weights}); "
+                              f"the spool file is kept: put them back and replay again, or "
+                              f"delete it to give them up")
+    assert tracking.spool_files(spool.parent) == [spool]  # kept for the next replay
+    c = client(store(repo))
+    (run,) = c.search_runs([c.get_experiment_by_name("cars").experiment_id])
+    assert "ddpm.model_id" not in run.data.tags
+    aside.rename(weights)  # put back: the next replay sends the model, and nothing twice
+    tracking.replay_spool(spool, tracking_uri=store(repo))
+    assert_sent_once(repo)
+
+
+def fail_once_after(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """`owner.name` does its work, then, the first time, fails as a lost reply would."""
+    real, failed = getattr(owner, name), []
+
+    def once(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not failed:
+            failed.append(name)
+            raise ConnectionError(f"injected: the reply to {name} was lost")
+        return result
+
+    monkeypatch.setattr(owner, name, once)
+
+
+@pytest.mark.parametrize("fault", ["create_run", "Model.log", "register_model", "log_image"])
+def test_a_replay_that_failed_anywhere_is_resent_exactly_once(
+        repo: Path, spooled: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch,
+        fault: str) -> None:
+    from mlflow.models import Model
+
+    owner = {"create_run": mlflow.MlflowClient, "Model.log": Model,
+             "register_model": mlflow, "log_image": mlflow.MlflowClient}[fault]
+    spool = copy_spool(spooled, repo)
+    with monkeypatch.context() as patch:
+        fail_once_after(patch, owner, fault.split(".")[-1])
+        with pytest.raises(tracking.TrackingError, match="injected"):
+            tracking.replay_spool(spool, tracking_uri=store(repo))
+    tracking.replay_spool(spool, tracking_uri=store(repo))
+    assert_sent_once(repo)
+
+
+def test_a_replay_stopped_by_ctrl_c_resends_nothing(
+        repo: Path, spooled: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpm.tracking import spool as spool_module
+
+    spool, real = copy_spool(spooled, repo), spool_module._apply
+
+    def interrupted(client, run_id, op):
+        real(client, run_id, op)
+        if op["op"] == "model":  # sent, and Ctrl-C before it is noted
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(spool_module, "_apply", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tracking.replay_spool(spool, tracking_uri=store(repo))
+    run_id = tracking.replay_spool(spool, tracking_uri=store(repo))
+    assert assert_sent_once(repo) == run_id
+    # Replayed again from a copy taken before (killed before the rename): nothing more.
+    assert tracking.replay_spool(copy_spool(spooled, repo / "again"),
+                                 tracking_uri=store(repo)) == run_id
+    assert_sent_once(repo)
+
+
+def test_two_replays_at_once_send_everything_once(
+        repo: Path, spooled: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its first call the first replay starts a second one and waits until that one
+    waits for the lock (without a lock: until it has sent the whole file); then both end."""
+    import threading
+
+    from ddpm.tracking import spool as spool_module
+
+    spool = copy_spool(spooled, repo)
+    real_apply, real_note = spool_module._apply, getattr(spool_module, "_note", print)
+    first, second_went, returned = threading.current_thread(), threading.Event(), []
+
+    def second() -> None:
+        try:
+            returned.append(tracking.replay_spool(spool, tracking_uri=store(repo)))
+        finally:
+            second_went.set()
+
+    thread = threading.Thread(target=second)
+
+    def apply(client, run_id, op):
+        real_apply(client, run_id, op)
+        if threading.current_thread() is first and thread.ident is None:
+            thread.start()
+            assert second_went.wait(120)
+
+    def note(message):  # (raising=False: no _note in the code before the lock, to compare)
+        real_note(message)
+        if "is being replayed by another process" in message:
+            second_went.set()
+
+    monkeypatch.setattr(spool_module, "_apply", apply)
+    monkeypatch.setattr(spool_module, "_note", note, raising=False)
+    run_id = tracking.replay_spool(spool, tracking_uri=store(repo))
+    thread.join(120)
+    assert returned == [run_id]
+    assert assert_sent_once(repo) == run_id

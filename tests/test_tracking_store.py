@@ -81,9 +81,24 @@ import sys, time
 from pathlib import Path
 import mlflow, mlflow.store.db.utils  # the slow imports, before the start line
 from ddpm.config import MlflowConfig
-from ddpm.tracking import Tracker
+from ddpm.tracking import Tracker, sqlite
 
 name, folder, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+inside, make_ready = folder.parent / "inside", sqlite._make_ready
+
+def watched(db):
+    # Each process stays a second in the creation, and notes who else is in it meanwhile:
+    # under the lock nobody, every time; without it the others, every time (they start
+    # together), and MLflow's migrations race in all of them.
+    me = inside / name
+    me.touch()
+    time.sleep(1.0)
+    (folder.parent / f"overlap-{name}").write_text(" ".join(
+        p.name for p in inside.iterdir() if p != me))
+    me.unlink()
+    make_ready(db)
+
+sqlite._make_ready = watched
 (folder / name).touch()
 while len(list(folder.iterdir())) < count:  # all of them open the new store at once
     time.sleep(0.001)
@@ -99,12 +114,16 @@ def test_processes_opening_a_new_store_at_once_all_log_their_runs(root: Path) ->
     (two of three trials broke the store, see ddpm.tracking.sqlite)."""
     barrier = root / "barrier"
     barrier.mkdir()
+    (root / "inside").mkdir()
     names = ["seed-1", "seed-2", "seed-3"]
     procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, name, str(barrier),
                                str(len(names))], cwd=root, env=subprocess_env(root),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in names]
     errs = [proc.communicate(timeout=180)[1] for proc in procs]
+    # One process at a time made the new store ready (the others waited for mlflow.db.lock).
+    assert {name: (root / f"overlap-{name}").read_text() for name in names} == \
+        {name: "" for name in names}
     assert [proc.returncode for proc in procs] == [0, 0, 0], errs
     assert not any("warning: tracking" in err for err in errs), errs
 
@@ -222,8 +241,9 @@ def orphan_copy(db: Path) -> str:
 
 
 def failing_migration(db: Path) -> str:
-    """The recorded revision is behind what the tables hold: its next migration fails."""
-    old_store(db, "89d4b8295536")  # the next one creates the model registry's tables
+    """Half-migrated, and the recorded revision is behind what the tables hold: its next
+    migration fails."""
+    old_store(db, "89d4b8295536", leftover="tags")  # the next creates the registry's tables
     with sqlite3.connect(db) as con:
         con.execute("CREATE TABLE registered_models (name VARCHAR(256) PRIMARY KEY)")
     return ("could not be repaired ((sqlite3.OperationalError) table registered_models "
@@ -250,6 +270,82 @@ def test_a_store_that_cannot_be_repaired_is_left_alone_with_one_line(
     assert "ddpm tracking replay" in err and "mlflow.db.broken" in err
     assert dump(db) == before and not list(root.glob("*.bak"))
     assert tracker.spool_path.exists()
+
+
+def test_an_intact_store_of_an_older_mlflow_is_refused_naming_mlflow_db_upgrade(
+        root: Path, capfd: pytest.CaptureFixture) -> None:
+    """As MLflow does: someone's older `mlflow ui` may still use it, and could not after."""
+    db = old_store(root / "mlflow.db")
+    before = dump(db)
+    tracker = log_a_run("spooled")
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "holds runs in an older MLflow's schema" in err, err
+    assert f"mlflow db upgrade sqlite:///{db}" in err and ".backup mlflow.db.bak" in err
+    assert dump(db) == before and not list(root.glob("*.bak"))
+    assert tracker.spool_path.exists()
+
+
+HOLD_OPEN = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1])
+con.execute("SELECT count(*) FROM sqlite_master").fetchall()  # as an idle `mlflow ui` holds it
+print("open", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("state", ["half-created", "half-migrated"])
+def test_a_store_another_process_has_open_is_neither_made_anew_nor_repaired(
+        root: Path, capfd: pytest.CaptureFixture, state: str) -> None:
+    db = root / "mlflow.db"
+    if state == "half-created":  # what a race on a new file left, no runs: made anew if free
+        old_store(db, "4465047574b1", leftover="tags")
+        with sqlite3.connect(db) as con:
+            for table in ("params", "metrics", "latest_metrics", "runs", "experiments"):
+                con.execute(f"DELETE FROM {table}")
+    else:  # repaired if free; a failed repair would put its backup over the file
+        old_store(db, leftover="latest_metrics")
+    before = dump(db)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, str(db)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        tracker = log_a_run("spooled")
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"process {holder.pid} (python" in err, err
+    assert "has it open (an `mlflow ui` or `mlflow server`?); it is unchanged" in err
+    assert dump(db) == before and not list(root.glob("*.bak"))
+    assert tracker.spool_path.exists()
+    if state == "half-created":
+        log_a_run("after")  # the holder gone, the store is made anew
+        assert version(db) == head()
+
+
+def test_the_private_mlflow_names_this_code_uses_are_still_there() -> None:
+    """Fails loudly on an MLflow upgrade: what ddpm.tracking uses beyond MLflow's public API.
+    Check each still does what the code expects, then move the pin."""
+    import mlflow.store.db.utils as db_utils
+    from mlflow.db import upgrade  # `mlflow db upgrade`, called in-process
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.types.schema import AnyType
+
+    assert mlflow.__version__ == "3.17.2", "MLflow changed: check the names below, then pin it"
+    assert callable(db_utils._get_alembic_config)  # sqlite.py: the head revision
+    assert callable(upgrade.callback) and Base.metadata.tables and AnyType
+    # models._fluent_store: set_tracking_uri(None) unsets the fluent store and its variable.
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri("sqlite:///elsewhere.db")
+        assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+        mlflow.set_tracking_uri(None)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert mlflow.get_tracking_uri() != "sqlite:///elsewhere.db"
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def test_recovery_from_a_broken_store_by_the_documented_steps(root: Path) -> None:
@@ -390,6 +486,12 @@ def test_three_queued_experiments_at_once_on_a_fresh_clone(tmp_path: Path) -> No
         assert_complete(client, run)
         assert run.data.params["train.seed"] == str(seed)
         assert run.data.tags.get("dvc.baseline_rev")
+    # Scored alike while they evaluated at once: the champion is the lowest FID of the three.
+    fids = {version.version: run.data.metrics["evaluate/fid"] for run in by_name.values()
+            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'")}
+    assert len(fids) == 3
+    assert str(client.get_registered_model("ddpm-stanford-cars").aliases["champion"]) == \
+        str(min(fids, key=fids.get))
     assert not list((root / tracking.SPOOL_DIR).glob("*.jsonl"))
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))  # none in the copies
     assert all(f"seed-{s}" in dvc("exp", "show", "--csv", cwd=root).stdout for s in seeds)

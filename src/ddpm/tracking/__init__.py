@@ -53,13 +53,14 @@ Tracking never takes training down
     files later with `ddpm tracking replay [FILE ...]` (no file: all of them).
 """
 
-from .models import dataset_op, training_dataset, training_source
+from .models import MAX_WORK, dataset_op, training_dataset, training_source
 from .spool import SPOOL_DIR, replay_spool, spool_files
 from .store import (ParamConflictError, TrackingError, artifact_location, public_uri,
                     read_run_file, run_for_evaluation, run_tags, select, tracking_uri,
                     ui_link, write_run_file)
 from .tracker import Tracker
 
-__all__ = ["SPOOL_DIR", "ParamConflictError", "Tracker", "TrackingError", "artifact_location",
-           "dataset_op", "public_uri", "read_run_file", "replay_spool", "run_for_evaluation", "run_tags",
-           "select", "spool_files", "tracking_uri", "training_dataset", "training_source", "ui_link", "write_run_file"]
+__all__ = ["MAX_WORK", "SPOOL_DIR", "ParamConflictError", "Tracker", "TrackingError",
+           "artifact_location", "dataset_op", "public_uri", "read_run_file", "replay_spool",
+           "run_for_evaluation", "run_tags", "select", "spool_files", "tracking_uri",
+           "training_dataset", "training_source", "ui_link", "write_run_file"]

@@ -13,10 +13,13 @@ So before any MlflowClient opens a local sqlite store, `prepare(uri)` takes
 `<db>.lock` (filelock; an flock, released when its process dies) and, holding it
 (14 ms for a ready store, against 224 ms for MLflow's own first open and search):
 
-    no file, or no tables  create the tables and run the migrations (MLflow's code)
+    no file, or no tables  create the tables and run the migrations (`mlflow db upgrade`)
     ready                  nothing: what every later process finds (head revision,
                            every table MLflow defines, no `_alembic_tmp_*` table)
     half-created, no runs  made anew (it holds nothing but MLflow's default rows)
+    an older schema        a TrackingError naming `mlflow db upgrade`, as MLflow itself
+                           says: an older MLflow (someone's `mlflow ui`) may still use it,
+                           and could not open it after a migration
     half-migrated          repaired when that is safe: a copy is kept as
                            `<db>.<time>.bak`, a leftover `_alembic_tmp_<t>` is dropped
                            when `<t>` holds at least its rows (alembic copies a table
@@ -28,6 +31,14 @@ So before any MlflowClient opens a local sqlite store, `prepare(uri)` takes
                            back and a TrackingError says what to do: move the file
                            aside and `ddpm tracking replay` the spool.
     newer schema           a TrackingError (an MLflow newer than ours wrote it).
+
+Making a store anew deletes the file, and a failed repair writes the backup over it: both
+are refused, in one line, while another process has the file open (an `mlflow ui` or
+`mlflow server` on it would go on writing to a deleted file, or have its rows overwritten).
+
+MLflow's public API has no way to read the schema's head revision: `_get_alembic_config`
+(with alembic's ScriptDirectory) stays, pinned with the MLflow version by
+tests/test_tracking_store.py. Creating and migrating is MLflow's `mlflow db upgrade`.
 
 Several writers: every MLflow session sets `busy_timeout` 20 s, so writers of a
 ready store wait for each other rather than fail. On top of that the store is
@@ -47,7 +58,9 @@ has it open: copy it with `sqlite3 mlflow.db ".backup copy.db"`, not `cp`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sqlite3
 import tempfile
 import time
@@ -104,21 +117,19 @@ def _connect(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def _migrate(db: Path) -> None:
-    """MLflow's own creation: its first tables (those missing), then alembic to the head."""
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables
+    """MLflow's own `mlflow db upgrade`: a new store's tables, or the migrations from the
+    revision the file records to the head."""
+    from mlflow.db import upgrade
 
-    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
     logger = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow ..."
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():  # alembic's notes on unnamed CHECK constraints
             warnings.simplefilter("ignore")
-            _initialize_tables(engine)
+            upgrade.callback(f"sqlite:///{db}")
     finally:
         logger.setLevel(level)
-        engine.dispose()
 
 
 class _Schema:
@@ -194,8 +205,15 @@ def _make_ready(db: Path) -> None:
                             f"not know (a newer MLflow wrote it): use that MLflow, or "
                             f"{_what_to_do(db)}")
     schema.count_rows(db)
+    if schema.data_rows and not schema.leftovers and schema.version != schema.head:
+        raise TrackingError(
+            f"{db} holds runs in an older MLflow's schema ({schema.version}; this MLflow's is "
+            f"{schema.head}): back it up and upgrade it, as MLflow says (sqlite3 {db} "
+            f"\".backup {db.name}.bak\" && mlflow db upgrade sqlite:///{db}); an older MLflow "
+            f"cannot open it afterwards")
     if not schema.openable and schema.data_rows == 0:
-        # Nothing to keep, and no MLflow process can have it open: start again.
+        # Nothing to keep: start again, unless a process has the file open.
+        _refuse_if_open(db, f"is left half-created ({schema.describe()}) and would be made anew")
         for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
             path.unlink(missing_ok=True)
         _migrate(db)
@@ -213,6 +231,8 @@ def _repair(db: Path, schema: _Schema) -> None:
             raise TrackingError(f"{db} was left half-migrated: {leftover} holds "
                                 f"{schema.rows[leftover]} rows that {table} lacks, and only a "
                                 f"person should merge them; {_what_to_do(db)}")
+    # A failed repair puts the backup back over the file.
+    _refuse_if_open(db, f"is half-migrated ({schema.describe()}) and would be repaired")
     backup = db.with_name(f"{db.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
     try:
         _copy(db, backup)
@@ -235,6 +255,33 @@ def _repair(db: Path, schema: _Schema) -> None:
             from None
     _say(f"repaired {db} ({schema.describe()}): it is at {schema.head} now, and the file as "
          f"it was is kept in {backup.name}")
+
+
+def _refuse_if_open(db: Path, what: str) -> None:
+    """A TrackingError (one line) when another process has the store's files open."""
+    holders = _open_elsewhere(db)
+    if holders:
+        raise TrackingError(f"{db} {what}, but {', '.join(holders)} has it open (an `mlflow "
+                            f"ui` or `mlflow server`?); it is unchanged: stop that process, "
+                            f"then run this again")
+
+
+def _open_elsewhere(db: Path) -> list[str]:
+    """Other processes with the store's files open, as "process <pid> (<name>)": those this
+    user may look into (psutil reads /proc on Linux)."""
+    import psutil
+
+    files = {str(db), f"{db}-wal", f"{db}-shm"}
+    found = []
+    for process in psutil.process_iter(["pid", "name"]):
+        if process.info["pid"] == os.getpid():
+            continue
+        try:
+            if any(f.path in files for f in process.open_files()):
+                found.append(f"process {process.info['pid']} ({process.info['name']})")
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 def _what_to_do(db: Path) -> str:
@@ -261,6 +308,7 @@ def _shape(db: Path) -> dict[tuple[str, str], object]:
     return shape
 
 
+@functools.lru_cache(maxsize=1)  # seconds of migrations, the same for every repair
 def _new_store_shape() -> dict[tuple[str, str], object]:
     with tempfile.TemporaryDirectory() as folder:
         reference = Path(folder) / "new.db"

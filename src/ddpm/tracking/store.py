@@ -32,6 +32,9 @@ HTTP_ENV = {
 }
 # The batch limits of MLflow's log_batch.
 MAX_PARAMS, MAX_METRICS, MAX_TAGS = 100, 1000, 100
+# The id of the tracker record that made a run, a LoggedModel or a registered version: a
+# replay finds what an earlier, interrupted one made and does not make it again.
+RECORD_TAG = "ddpm.record_id"
 
 class TrackingError(RuntimeError):
     """MLflow refused a call that the caller has to fix."""
@@ -43,6 +46,11 @@ class ParamConflictError(TrackingError, ValueError):
 
 def _say(message: str) -> None:
     print(f"warning: tracking: {message}", file=sys.stderr, flush=True)
+
+
+def _note(message: str) -> None:
+    """What tracking did that a user wants to know, and no warning (the registry's champion)."""
+    print(f"tracking: {message}", file=sys.stderr, flush=True)
 
 
 _missing_warned = False
@@ -254,6 +262,10 @@ def _apply(client: Any, run_id: str, op: dict[str, Any]) -> None:
         from .models import log_dataset
 
         log_dataset(client, run_id, op)
+    elif kind == "score":
+        from .models import score_model
+
+        score_model(client, run_id, op)
     elif kind == "end":
         client.set_terminated(run_id, op["status"], op["end_time"])
     else:

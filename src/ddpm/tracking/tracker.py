@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 from ..atomic import write_json
 from ..config import MlflowConfig
 from ..stageutil import repo_root
-from .models import MODEL_TAGS, model_op
+from .models import MODEL_TAGS, model_op, score_op
 from .spool import SPOOL_DIR, _Sender, _Spool
 from .store import (ParamConflictError, _apply, _client, _ensure_experiment, _existing_run,
                     _first_line, _mlflow, _now_ms, _param_str, _say, public_uri,
@@ -171,6 +171,15 @@ class Tracker:
             self._drain_timeout = MODEL_DRAIN_TIMEOUT_S
             self._sender.submit(model_op(name, checkpoint, step, sampling, register,
                                          version_tags))
+
+    def score_model(self, name: str, settings: Mapping[str, Any],
+                    scores: Mapping[str, float]) -> None:
+        """The evaluate stage's scores (fid, kid, ...) of the run's `name` model, sampled with
+        `settings`, onto its registered version of `mlflow.registered_model`: its description
+        lists them, and it becomes `champion` when it beats the holder under the same
+        settings (see `ddpm.tracking.models`)."""
+        if self.active and self.config.registered_model:
+            self._sender.submit(score_op(name, settings, scores, self.config.registered_model))
 
     def log_dataset(self, dataset: Mapping[str, Any]) -> None:
         """A run input (a `models.dataset_op` record), shown in the runs table's Datasets."""

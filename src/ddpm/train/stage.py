@@ -39,7 +39,7 @@ from ..device import check_processes, resolve_device
 from ..model.diffusion import make_schedule
 from .fastpath import denoiser, strip_denoiser
 from ..data.processed import load_processed
-from ..tracking import (ParamConflictError, Tracker, run_tags, select,
+from ..tracking import (MAX_WORK, ParamConflictError, Tracker, run_tags, select,
                         training_dataset)
 from .fid_curve import (FidEvaluator, TrainFid, best_weights, check_reference,
                               continue_best, named_best, prune_best, summary_fields,
@@ -412,10 +412,14 @@ def log_to_mlflow(tracker: Tracker, params: Params, paths: TrainPaths, state: An
     if not params.mlflow.log_model:
         return
     # What predict() samples with when a request leaves a setting out: the in-training
-    # FID's sampler (train.fid_*, which default to the generate stage's).
+    # FID's sampler (train.fid_*, which default to the generate stage's). It refuses a
+    # request above max_work model evaluations (samples x steps; ddpm: all T): MAX_WORK,
+    # or the default request's if that is more.
+    evaluations = params.diffusion.steps if cfg.fid_sampler == "ddpm" else cfg.fid_steps
     sampling = {"num_samples": 16, "seed": 0, "sampler": cfg.fid_sampler,
                 "steps": cfg.fid_steps, "eta": cfg.fid_eta, "clip": True,
-                "batch_size": 256, "max_samples": 256, "device": "auto"}
+                "batch_size": 256, "max_samples": 256,
+                "max_work": max(MAX_WORK, 16 * evaluations), "device": "auto"}
     tracker.log_model("final", paths.model, state.step, sampling,
                       register=params.mlflow.registered_model,
                       version_tags={"dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
