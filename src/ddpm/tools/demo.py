@@ -4,23 +4,30 @@ It never touches the repository's params.yaml or data: it lays out a scratch
 DVC project (default `demo-run/`) with the pipeline's code, a params.yaml that
 is the repository's with DEMO_OVERRIDES applied, and runs `dvc repro` there.
 Running it again reuses what is up to date (DVC's cache), so it is quick.
+
+It reads `dvc repro`'s output as it passes it on (`Timeline`): when each stage
+starts, and the train stage's first epoch line, after which it prints how long
+the rest will take on this machine; the summary gives each stage's time.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import yaml
 
 from ..config import apply_override, params_from_dict
 
 # Sized for a 2-core CPU: the whole pipeline in under 8 minutes, with FID against its
-# 600 real images (see README "The demo", which has the figures and the settings tried).
+# 600 real images (docs/demo.md has the figures and the settings tried).
 # Widths (32, 64, 64) for 56 epochs of batch 16 (2,072 steps) scored better in the time
 # than (16, 32, 64) for 68 or 120 epochs and than (48, 96, 96); a cosine schedule reaches
 # pure noise at T = 64 (the seed's linear betas would leave 28 % of the signal at T = 256).
@@ -116,6 +123,7 @@ def prepare(out: Path, repo: Path, params_path: Path,
 
 
 def run_demo(out: str | Path = "demo-run", params_path: str | Path = "params.yaml") -> None:
+    started = time.monotonic()
     repo = repository_root()
     out = Path(out).resolve()
     params_path = Path(params_path)
@@ -123,16 +131,173 @@ def run_demo(out: str | Path = "demo-run", params_path: str | Path = "params.yam
         params_path = (Path.cwd() / params_path) if params_path.exists() else repo / params_path
     prepare(out, repo, params_path)
     print(f"demo: running the pipeline on synthetic data in {out}", flush=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=out, env=env)
-    if done.returncode:
-        sys.exit(done.returncode)
-    summarize(out)
+    timeline = Timeline(yaml.safe_load((out / "params.yaml").read_text()),
+                        previous=read_times(out / TIMES_FILE))
+    returncode = repro(out, timeline)
+    if returncode:
+        sys.exit(returncode)
+    write_times(out / TIMES_FILE, timeline)
+    summarize(out, timeline, total=time.monotonic() - started)
 
 
-def summarize(out: Path) -> None:
-    import json
+def repro(out: Path, timeline: "Timeline") -> int:
+    """`dvc repro` in `out`, its output passed on line by line through `timeline` (which adds
+    the estimate after the first epoch); returns DVC's exit status."""
+    # Unbuffered: every stage's lines reach the timeline (and the screen) as they are printed.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=out, env=env,
+                           stdout=subprocess.PIPE, text=True, errors="replace")
+    try:
+        for line in dvc.stdout:  # stderr (progress bars, warnings) goes to the terminal as is
+            sys.stdout.write(line)
+            note = timeline.feed(line.rstrip("\n"))
+            if note:
+                print(note)
+            sys.stdout.flush()
+    finally:
+        returncode = dvc.wait()
+        timeline.end()
+    return returncode
 
+
+# ---------------------------------------------------------------- how long it takes
+
+# DVC's lines (dvc 3: stage/run.py, stage/__init__.py, stage/cache.py) and the train
+# stage's epoch line (`train.callbacks.EpochLog`; tests/test_demo_time.py holds them to it).
+STAGE_RUNS = re.compile(r"^Running stage '(?P<stage>[^']+)':")
+STAGE_SKIPPED = re.compile(r"^Stage '(?P<stage>[^']+)' (?P<why>didn't change|is cached)")
+EPOCH_LINE = re.compile(r"^epoch (?P<epoch>\d+): loss .* img/s, (?P<seconds>[0-9.]+) s\b")
+TIMES_FILE = "demo_times.json"  # each stage's seconds when it last ran, in the scratch project
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def model_evaluations(sampler: str, steps: int, diffusion_steps: int) -> int:
+    """Model calls per image: ddpm takes all T steps, the others `steps`."""
+    return diffusion_steps if sampler == "ddpm" else steps
+
+
+class Timeline:
+    """When each stage of `dvc repro` started, fed its output line by line, and - at the train
+    stage's first epoch line - how long the rest of the demo will take on this machine.
+
+    The estimate is built from what this machine measured, and the params' amounts of work:
+    - a training image's seconds, from that epoch (its seconds over its images);
+    - a model evaluation of sampling as a third of a training image (a forward pass of the
+      three that a training step costs: forward, and backward at twice a forward);
+    - an Inception image's seconds: the reference stage's time over its images (from this
+      run, else from the last run in this scratch project, `previous`);
+    - a stage's start-up (imports, loading, MLflow), as the train stage's: the time from
+      its start to the end of its first epoch, less that epoch.
+    Training left is its remaining epochs, strips and in-training FID evaluations; after
+    it, generate, sweep and evaluate each start up, sample and extract features.
+    """
+
+    def __init__(self, params: dict[str, Any], previous: Optional[dict[str, float]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.params, self.previous, self.clock = params, previous or {}, clock
+        self.events: list[tuple[str, float, str]] = []  # (stage, when, "ran" | why skipped)
+        self.ended: Optional[float] = None
+        self.estimate: Optional[float] = None  # seconds left, as said after the first epoch
+        self.estimated_at = 0.0
+
+    def feed(self, line: str) -> Optional[str]:
+        """Take one line of output; returns the estimate to print after the first epoch."""
+        now = self.clock()
+        if match := STAGE_RUNS.match(line):
+            self.events.append((match["stage"], now, "ran"))
+        elif match := STAGE_SKIPPED.match(line):
+            why = "up to date" if match["why"] == "didn't change" else "from DVC's run cache"
+            self.events.append((match["stage"], now, why))
+        elif (match := EPOCH_LINE.match(line)) and self.estimate is None and self.events \
+                and self.events[-1][0] == "train":
+            self.estimated_at = now
+            return self.time_left(int(match["epoch"]), float(match["seconds"]),
+                                  now - self.events[-1][1])
+        return None
+
+    def end(self) -> None:
+        self.ended = self.clock()
+
+    def seconds(self) -> dict[str, float]:
+        """Each stage that ran: from its start to the next stage's line (or the end)."""
+        ends = [when for _, when, _ in self.events[1:]] + [self.ended or self.clock()]
+        return {stage: end - when for (stage, when, how), end in zip(self.events, ends)
+                if how == "ran"}
+
+    def time_left(self, epoch: int, epoch_seconds: float, since_start: float) -> str:
+        p = self.params
+        data, train, T = p["data"], p["train"], p["diffusion"]["steps"]
+        n = data["synthetic_count"]  # the demo's data: every image is processed
+        batch = min(train["batch_size"], n)
+        per_image = epoch_seconds / ((n // batch) * batch)
+        per_evaluation = per_image / 3
+        startup = max(since_start - epoch_seconds, 0.0)
+        reference = self.seconds().get("reference", self.previous.get("reference"))
+        per_feature = reference / n if reference else 0.0
+        epochs = train["epochs"]
+
+        def due(every: int) -> int:  # cadence events after this epoch (`callbacks.due`)
+            return sum(1 for e in range(epoch + 1, epochs + 1)
+                       if every and (e % every == 0 or e == epochs))
+
+        def scored(samples: int, sampler: str, steps: int) -> float:
+            return samples * (model_evaluations(sampler, steps, T) * per_evaluation
+                              + per_feature)
+
+        fids = due(train["fid_every"])
+        training = ((epochs - epoch) * epoch_seconds + due(train["strip_every"]) * T
+                    * per_evaluation + fids * scored(train["fid_samples"],
+                                                     train["fid_sampler"], train["fid_steps"]))
+        gen, sweep = p["generate"], p["sweep"]
+        after = (3 * startup + scored(gen["num_samples"], gen["sampler"], gen["steps"])
+                 + sum(scored(sweep["num_samples"], point["sampler"], point["steps"])
+                       for point in sweep["points"]))
+        self.estimate = training + after
+        inception = (f"Inception at {1 / per_feature:.1f} img/s, as the reference stage ran"
+                     if per_feature else "feature extraction left out: the reference stage "
+                     "did not run here yet")
+        return (f"demo: epoch {epoch} took {epoch_seconds:.1f} s; on this machine about "
+                f"{duration(self.estimate)} more: training {duration(training)} "
+                f"({epochs - epoch} more epochs, {fids} in-training FIDs), then generate, sweep "
+                f"and evaluate {duration(after)}\n      (sampling costed at a third of a "
+                f"training image per model evaluation; {inception})")
+
+
+def read_times(path: Path) -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def write_times(path: Path, timeline: Timeline) -> None:
+    path.write_text(json.dumps({**read_times(path), **timeline.seconds()}, indent=1))
+
+
+def stage_lines(timeline: Timeline, total: Optional[float] = None) -> list[str]:
+    """The summary's times: every stage in the order it came, with its time or why it did not
+    run, then the whole demo's, and the estimate made after the first epoch against what
+    the rest took."""
+    ran = timeline.seconds()
+    lines = []
+    for stage, _, how in timeline.events:
+        told = duration(ran[stage]) if how == "ran" else how
+        lines.append(f"  {'' if lines else 'time by stage':19s} {stage:<11} {told}")
+    if total is not None:
+        lines.append(f"  {'':19s} {'all':<11} {duration(total)}")
+    if timeline.estimate is not None and timeline.ended is not None:
+        lines.append(f"  {'':19s} after the first epoch it said {duration(timeline.estimate)} "
+                     f"more; that took {duration(timeline.ended - timeline.estimated_at)}")
+    return lines
+
+
+def summarize(out: Path, timeline: Optional[Timeline] = None,
+              total: Optional[float] = None) -> None:
     lines = ["", "demo finished. Results:"]
     for label, rel in [("training strips", "reports/strips"), ("figures", "reports/figures"),
                        ("training metrics", "reports/train.json"),
@@ -177,4 +342,6 @@ def summarize(out: Path) -> None:
             from ..tracking import ui_link
 
             lines.append(f"  {'':19s} then open {ui_link(run['experiment_id'])}")
+    if timeline is not None:
+        lines += stage_lines(timeline, total)
     print("\n".join(lines))

@@ -165,10 +165,16 @@ class Checkpointer(AtCadence):
 
 
 class EpochLog:
-    """One line per epoch on the console."""
+    """One line per epoch on the console: the loss, the speed, the epoch's seconds and, given
+    `epochs` (the run's total), the training time left at the speed measured so far.
 
-    def __init__(self, print_fn: Callable[[str], None] = print):
-        self.print = print_fn
+    The estimate counts the training steps only (the epoch's own seconds), not strips,
+    checkpoints or in-training FID. It averages this process's epochs, leaving out the
+    first once there are others: the first also compiles and warms up (on a GPU)."""
+
+    def __init__(self, print_fn: Callable[[str], None] = print, epochs: Optional[int] = None):
+        self.print, self.epochs = print_fn, epochs
+        self.seconds: list[float] = []
 
     def on_log(self, row: dict[str, float]) -> None:
         pass
@@ -176,8 +182,17 @@ class EpochLog:
     def on_epoch_end(self, state: TrainState, summary: EpochSummary) -> None:
         quartiles = " ".join(f"{q:.4f}" for q in summary.loss_quartiles)
         x0 = " ".join(f"{q:.4g}" for q in summary.x0_error_quartiles)
-        self.print(f"epoch {summary.epoch}: loss {summary.loss:.4f} (t quartiles {quartiles}; "
-                   f"x0 error {x0}), lr {summary.lr:.2e}, {summary.images_per_s:.1f} img/s")
+        line = (f"epoch {summary.epoch}: loss {summary.loss:.4f} (t quartiles {quartiles}; "
+                f"x0 error {x0}), lr {summary.lr:.2e}, {summary.images_per_s:.1f} img/s, "
+                f"{summary.seconds:.1f} s")
+        self.seconds.append(summary.seconds)
+        left = (self.epochs or 0) - summary.epoch
+        if left > 0:
+            measured = self.seconds[1:] or self.seconds
+            minutes = left * sum(measured) / len(measured) / 60
+            line += (f"; {left} epoch{'s' if left > 1 else ''} left, about {minutes:.1f} min "
+                     f"at this speed")
+        self.print(line)
 
 
 class TrackMetrics:
