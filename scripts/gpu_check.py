@@ -241,7 +241,7 @@ def part_graph(params, out: Path, steps: int = 520) -> None:
     """Whole-step CUDA-graph capture (train.cuda_graph: on) against the ordinary step, same
     seed and data: images/s, the loss curve over `steps` steps (20-step means) beside fp32
     eager for the size of bf16's own noise, and a resume at the half (captured again)
-    against the uninterrupted captured run. What `auto` waits for (README, "Speed")."""
+    against the uninterrupted captured run. What `auto` waits for (docs/speed.md)."""
     batch, steps = params.train.batch_size, steps if DEVICE.type == "cuda" else 40
     results["graph"] = fig = {"steps": steps, "batch": batch}
     captured = with_train(params, cuda_graph="on")

@@ -115,6 +115,9 @@ def test_the_samplers_params_accept_are_the_samplers_there_are():
                                                         "most diffusion.steps (512)"),
     ("train", {"fid_sampler": "ddim", "fid_steps": 0}, "train.fid_steps: must be >= 1"),
     ("train", {"fid_sampler": "dpmpp_2m", "fid_eta": 0.5}, "train.fid_eta: sampler dpmpp_2m"),
+    ("generate", {"sampler": "ddim", "eta": float("nan")}, "generate.eta: must be a finite"),
+    ("train", {"fid_sampler": "dpmpp_2m_sde", "fid_eta": float("inf")},
+     "train.fid_eta: must be a finite number >= 0, got inf"),
     ("sweep", {"points": [{"sampler": "ddim", "steps": 513}]}, "sweep.points[0].steps: ddim can "
                                                                "take at most"),
     ("sweep", {"points": [{"sampler": "ddim", "steps": 10}, {"sampler": "ddim", "steps": 10,

@@ -349,7 +349,7 @@ def test_the_private_mlflow_names_this_code_uses_are_still_there() -> None:
 
 
 def test_recovery_from_a_broken_store_by_the_documented_steps(root: Path) -> None:
-    """The README's steps: move the file aside, `ddpm tracking replay` (the command itself)."""
+    """The documented steps (docs/tracking.md): move the file aside, `ddpm tracking replay` (the command itself)."""
     db = root / "mlflow.db"
     orphan_copy(db)
     names = ["generate", "train"]

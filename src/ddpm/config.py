@@ -44,8 +44,8 @@ def _check_sampling(key: str, sampler: str, steps: int, eta: float, names: tuple
     steps_key, eta_key = f"{key}.{names[0]}", f"{key}.{names[1]}"
     if steps < 1:
         _fail(steps_key, f"must be >= 1, got {steps}")
-    if eta < 0:
-        _fail(eta_key, f"must be >= 0, got {eta}")
+    if not 0 <= eta < float("inf"):  # NaN too
+        _fail(eta_key, f"must be a finite number >= 0, got {eta}")
     if sampler == "dpmpp_2m" and eta != 0:
         _fail(eta_key, f"sampler dpmpp_2m (DPM-Solver++(2M), the ODE) adds no noise, so eta "
               f"must be 0, got {eta}; for noise use sampler dpmpp_2m_sde")
@@ -177,7 +177,7 @@ class TrainConfig:
                           "max-autotune-no-cudagraphs"] = "default"
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto = channels-last on CUDA only
     # Capture the whole training step in one CUDA graph. auto = off until a GPU run has
-    # shown it equal to the uncaptured step, and faster (README, "Speed").
+    # shown it equal to the uncaptured step, and faster (docs/speed.md).
     cuda_graph: Literal["auto", "on", "off"] = "auto"
     nproc: int = 1  # training processes (one per GPU)
     # In-training FID of the EMA model: every fid_every epochs and the last (0 = never),

@@ -51,8 +51,7 @@ each logging 50 params, 300 batches of 10 metrics and an end, time of the slowes
 No call failed in either mode (runs with an `mlflow ui`-like reader polling
 search_runs included): WAL is chosen for speed (about 2x), not for correctness.
 WAL needs the file on a local disk (it shares memory through `<db>-shm`); a store
-several machines write is an `mlflow server` (README, "Several people, several
-machines"). The store is then `<db>`, `<db>-wal` and `<db>-shm` while a process
+several machines write is an `mlflow server` (docs/teams.md). The store is then `<db>`, `<db>-wal` and `<db>-shm` while a process
 has it open: copy it with `sqlite3 mlflow.db ".backup copy.db"`, not `cp`.
 """
 

@@ -3,7 +3,7 @@ its fallback, and the denoiser that samplers and strips call the model through.
 
 `auto` turns each on for CUDA only: on a CPU the code runs plain fp32 eager, so a
 GPU makes training fast, never correct. Which of them pays on a given GPU is
-measured by `ddpm bench` (README, "Speed"), not assumed.
+measured by `ddpm bench` (docs/speed.md), not assumed.
 """
 
 from __future__ import annotations

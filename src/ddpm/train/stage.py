@@ -362,7 +362,7 @@ class Rank0:
             self.fid,
             self.checkpointer,
             TrackMetrics(tracker),
-            EpochLog(log),
+            EpochLog(log, epochs=cfg.epochs),
         )
 
     def finish(self, state: Any) -> None:

@@ -381,7 +381,7 @@ class CaptureError(RuntimeError):
 
 def want_cuda_graph(cfg: TrainConfig, device: torch.device, ranks: int) -> bool:
     """Whether to capture the step: `on` on one CUDA process. `auto` is off until a GPU run
-    has shown the captured step equal to the ordinary one and faster (README, "Speed");
+    has shown the captured step equal to the ordinary one and faster (docs/speed.md);
     under DDP it is off (NCCL capture not yet tried)."""
     if cfg.cuda_graph != "on":
         return False

@@ -40,7 +40,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     Tr (sigma1 sigma2)^½ is the sum of the square roots of the product's
     eigenvalues, which are those of the symmetric positive semi-definite
-    sigma1^½ sigma2 sigma1^½, so two symmetric eigendecompositions give it for
+    sigma1^½ sigma2 sigma1^½, so symmetric eigensolvers (one eigh, one eigvalsh) give it for
     covariances of every rank, with no complex arithmetic to clean up (scipy's
     sqrtm of the non-symmetric product, which the TTUR code and clean-fid use,
     needs an eps·I guard when the product is singular and can come back with
