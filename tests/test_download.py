@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -193,6 +194,22 @@ def test_archive_without_images_is_refused(tmp_path):
     with pytest.raises(DownloadError, match="holds no images"):
         fetch_archive(archive, raw)
     assert_untouched(raw)
+
+
+def test_a_zip_that_would_fill_the_disk_is_refused_before_unpacking(tmp_path, monkeypatch):
+    """The declared sizes are checked with the other entries, before anything is written."""
+    raw = populated_raw_dir(tmp_path)
+    archive = write_zip(tmp_path / "big.zip", [(f"photos/{i}.jpg", tiny_jpeg(i)) for i in range(3)])
+    need = sum(i.file_size for i in zipfile.ZipFile(archive).infolist())
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=need - 1))
+    with pytest.raises(DownloadError, match="would unpack to .* GB free.*Nothing was unpacked"):
+        fetch_archive(archive, raw)
+    assert_untouched(raw)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    fetch_archive(archive, raw)
+    assert files_under(raw) == {"photos/0.jpg", "photos/1.jpg", "photos/2.jpg"}
 
 
 # ---------------------------------------------------------------- credentials

@@ -5,8 +5,9 @@ Whatever the source, `data/raw/` ends up with the Kaggle archive's own layout
 `cars_test/cars_test/*.jpg`), and it is replaced only when a download and
 unpack has fully succeeded, so a `data/raw/` that exists is always complete.
 
-Zips are unpacked by our own `extract_zip`, which refuses any entry that would
-land outside the destination (zip-slip) before writing anything.
+Zips are unpacked by our own `extract_zip`, which refuses any entry that would land
+outside the destination (zip-slip) or a zip that would not fit on the disk, before
+writing anything.
 
 The `kaggle` package (2.x) authenticates when imported and prints a page of
 help when it finds no credentials, so credentials are looked for here first,
@@ -97,7 +98,9 @@ def extract_zip(archive: Path, dest: Path) -> int:
 
     Every entry is checked before anything is written: an absolute path, a
     `..` component, a drive letter or a symbolic link raises DownloadError
-    naming the entry, and `dest` is then neither created nor touched. A zip
+    naming the entry, and so do entries whose declared sizes add up to more
+    than the free disk space (a zip bomb); `dest` is then neither created nor
+    touched. A zip
     whose only entry is another zip (a zip wrapped once more) is unpacked in
     its place, one level deep, so `dest` gets the inner archive's own layout.
 
@@ -118,6 +121,7 @@ def _extract(archive: Path, dest: Path, unwrap: bool) -> int:
                                     f"resolves outside {dest}")
         files = [(info, parts) for info, parts in plan if not info.is_dir()]
         nested = unwrap and len(files) == 1 and files[0][1][-1].lower().endswith(".zip")
+        _require_room(archive, sum(info.file_size for info, _ in files), dest)
 
         dest.mkdir(parents=True, exist_ok=True)
         if nested:
@@ -137,6 +141,19 @@ def _extract(archive: Path, dest: Path, unwrap: bool) -> int:
                 f"({type(e).__name__}: {e}); download it again"
             ) from None
     return len(files)
+
+
+def _require_room(archive: Path, size: int, dest: Path) -> None:
+    """DownloadError unless `size` bytes fit beside `dest`. zipfile stops at each entry's
+    declared size (a larger stream fails its CRC), so the sum bounds what unpacking writes,
+    a zip bomb's included."""
+    parent = next(p for p in (dest, *dest.parents) if p.exists())
+    free = shutil.disk_usage(parent).free
+    if size > free:
+        raise DownloadError(f"{archive} would unpack to {size / 1e9:.2f} GB, but {parent} has "
+                            f"only {free / 1e9:.2f} GB free: free some space, or check that "
+                            f"the zip is the one you meant (a zip bomb declares sizes like "
+                            f"this). Nothing was unpacked")
 
 
 def _extract_nested(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> int:
