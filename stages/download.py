@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpm import stageutil  # noqa: E402
 from ddpm.atomic import atomic_directory  # noqa: E402
 from ddpm.data.download import DownloadError, fetch_archive, fetch_kaggle  # noqa: E402
+from ddpm.data.folder import FolderError  # noqa: E402
 from ddpm.data.synthetic import write_synthetic_dataset  # noqa: E402
 
 
@@ -30,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stageutil.run(main, expected=(DownloadError,))
+    stageutil.run(main, expected=(DownloadError, FolderError))

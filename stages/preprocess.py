@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import stageutil  # noqa: E402
 from ddpm.data.annotations import AnnotationError, read_bboxes  # noqa: E402
+from ddpm.data.folder import FolderError  # noqa: E402
 from ddpm.data.preprocess import PreprocessError, preprocess  # noqa: E402
 
 
@@ -28,8 +29,9 @@ def main() -> None:
         manifest = preprocess(args.raw, args.out, cfg, boxes=boxes, progress=progress)
     stageutil.log(f"{manifest['count']} images ({manifest['per_split']}) of "
                   f"{cfg.image_size}x{cfg.image_size} in {args.out}/images.npy; "
-                  f"{manifest['skipped_count']} skipped (listed in manifest.json)")
+                  f"{manifest['skipped_count']} skipped (listed in manifest.json), "
+                  f"{manifest['upscaled']} enlarged")
 
 
 if __name__ == "__main__":
-    stageutil.run(main, expected=(PreprocessError, AnnotationError))
+    stageutil.run(main, expected=(PreprocessError, AnnotationError, FolderError))

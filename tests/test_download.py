@@ -32,6 +32,7 @@ from ddpm.data.download import (  # noqa: E402
     fetch_kaggle,
     kaggle_credentials_present,
 )
+from ddpm.data.folder import FolderError  # noqa: E402
 from kaggle_standin import DOWNLOAD, INTROSPECT, PORT, KaggleStandIn  # noqa: E402
 
 DATASET = "eduardo4jesus/stanford-cars-dataset"
@@ -189,9 +190,12 @@ def test_fetch_archive_explains_a_missing_file_or_a_non_zip(tmp_path):
 
 
 def test_archive_without_images_is_refused(tmp_path):
+    """Hidden entries (macOS's AppleDouble ._ files) are not images either."""
     raw = populated_raw_dir(tmp_path)
-    archive = write_zip(tmp_path / "other.zip", [("readme.txt", b"hello")])
-    with pytest.raises(DownloadError, match="holds no images"):
+    archive = write_zip(tmp_path / "other.zip", [("readme.txt", b"hello"),
+                                                 ("__MACOSX/._00001.jpg", b"AppleDouble"),
+                                                 (".thumbs/00001.jpg", tiny_jpeg(9))])
+    with pytest.raises(FolderError, match=r"holds no images \(looked for .jpg .jpeg"):
         fetch_archive(archive, raw)
     assert_untouched(raw)
 

@@ -1,9 +1,10 @@
-"""Fetch the raw Stanford Cars archive into `data/raw/`, from Kaggle or a local zip.
+"""Fetch the raw images into `data/raw/`: the Stanford Cars archive from Kaggle, or a zip.
 
-Whatever the source, `data/raw/` ends up with the Kaggle archive's own layout
-(`car_devkit/devkit/*.mat`, `cars_train/cars_train/*.jpg`,
-`cars_test/cars_test/*.jpg`), and it is replaced only when a download and
-unpack has fully succeeded, so a `data/raw/` that exists is always complete.
+`data/raw/` gets the archive's own layout: for the Kaggle one `car_devkit/devkit/*.mat`,
+`cars_train/cars_train/*.jpg`, `cars_test/cars_test/*.jpg`; for any other zip of images
+whatever folders it holds (the preprocess stage takes every image in it by
+`folder.list_images`' rules). It is replaced only when a download and unpack has fully
+succeeded, so a `data/raw/` that exists is always complete.
 
 Zips are unpacked by our own `extract_zip`, which refuses any entry that would land
 outside the destination (zip-slip) or a zip that would not fit on the disk, before
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
 from ..atomic import atomic_directory
-from .formats import is_image_name
+from .folder import list_images, require_images
 
 Log = Optional[Callable[[str], None]]
 
@@ -171,27 +172,18 @@ def _extract_nested(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> i
         os.unlink(inner)
 
 
-def _require_images(root: Path, origin: str) -> int:
-    count = sum(1 for p in root.rglob("*") if is_image_name(p.name) and p.is_file())
-    if count == 0:
-        raise DownloadError(
-            f"{origin} holds no images; expected the Stanford Cars layout "
-            "(car_devkit/devkit/*.mat, cars_train/cars_train/*.jpg, cars_test/cars_test/*.jpg)"
-        )
-    return count
-
-
 def fetch_archive(archive: Path, raw_dir: Path, log: Log = None) -> None:
-    """Unpack a Stanford Cars zip downloaded by hand into `raw_dir`.
+    """Unpack a zip of images into `raw_dir`: the Stanford Cars zip downloaded by hand, or
+    any other (every image in it is used, as from a folder).
 
     `raw_dir` is replaced only when the whole archive unpacked; on any error
     the previous `raw_dir` (if any) is left exactly as it was.
     """
     log = log or (lambda message: None)
     archive, raw_dir = Path(archive).expanduser(), Path(raw_dir)
-    fix = ("set data.archive to the path of the zip downloaded from "
+    fix = ("set data.archive to the path of a zip of images, e.g. the one downloaded from "
            f"{KAGGLE_PAGE.format(dataset='eduardo4jesus/stanford-cars-dataset')} "
-           "(the 'Download' button), or use data.source: kaggle or data.source: synthetic")
+           "(the 'Download' button), or use data.source: kaggle, folder or synthetic")
     if not archive.exists():
         raise DownloadError(f"data.archive points to {archive}, which does not exist: {fix}")
     if not archive.is_file():
@@ -202,7 +194,7 @@ def fetch_archive(archive: Path, raw_dir: Path, log: Log = None) -> None:
     log(f"unpacking {archive} ({archive.stat().st_size / 1e6:.1f} MB) into {raw_dir}")
     with atomic_directory(raw_dir) as tmp:
         count = extract_zip(archive, tmp)
-        images = _require_images(tmp, str(archive))
+        images = len(require_images(list_images(tmp), f"the archive {archive}", fix).files)
     log(f"unpacked {count} files ({images} images) into {raw_dir}")
 
 
@@ -452,7 +444,9 @@ def fetch_kaggle(dataset: str, raw_dir: Path, log: Log = None) -> None:
             f"unpacking into {raw_dir}")
         with atomic_directory(raw_dir) as tmp:
             count = extract_zip(zips[0], tmp)
-            images = _require_images(tmp, f"the Kaggle dataset {dataset}")
+            listing = require_images(list_images(tmp), f"the Kaggle dataset {dataset}",
+                                     "check data.kaggle_dataset")
+            images = len(listing.files)
         say(f"unpacked {count} files ({images} images) into {raw_dir}")
     finally:
         shutil.rmtree(download_dir, ignore_errors=True)
