@@ -1,11 +1,13 @@
-"""Training on your own images (a folder, or any zip of images): every readable image of a
-nested folder of mixed formats, modes and sizes lands in images.npy, odd files are listed
-or counted, the folder is never written, and a zip of it gives the same array."""
+"""Training on your own images (data.source: folder, or any zip of images): every readable
+image of a nested folder of mixed formats, modes and sizes lands in images.npy, odd files
+are listed or counted, the folder is never written, a zip of it gives the same array, and
+DVC reruns preprocess when an image is added, wherever the folder is."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import zipfile
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm.config import PreprocessConfig
+from conftest import dvc, make_dvc_project, run_stage, tiny, write_params
+from ddpm.config import ConfigError, PreprocessConfig, params_from_dict
 from ddpm.data.download import fetch_archive
 from ddpm.data.folder import FolderError, list_images, open_folder
 from ddpm.data.preprocess import preprocess
@@ -200,3 +203,121 @@ def test_open_folder_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root, chmod can't show it
     with pytest.raises(FolderError, match="which you may not read.*chmod -R u\\+rX"):
         open_folder(tmp_path / "single")
+
+
+@pytest.mark.parametrize("data, preprocess_section, says", [
+    ({"source": "folder"}, {}, "data.folder: data.source is 'folder' but data.folder is "
+                               "data/raw"),
+    ({"source": "kaggle", "folder": "/srv/photos"}, {},
+     "data.folder: is '/srv/photos', but data.source is 'kaggle'"),
+    ({"source": "folder", "folder": "photos"}, {}, "data.folder: 'photos' is not an absolute "
+                                                   "path; write it in full"),
+    ({"source": "folder", "folder": "~/photos"}, {}, f"write it in full (here "
+                                                     f"'{Path('~/photos').expanduser()}')"),
+    ({"source": "folder", "folder": "/srv/photos"}, {"resize": "bbox_crop"},
+     "preprocess.resize: 'bbox_crop' crops to the Stanford Cars devkit's bounding boxes"),
+])
+def test_folder_settings_that_cannot_work_are_refused(data, preprocess_section, says):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict({"data": data, "preprocess": preprocess_section})
+    assert says in str(err.value) and "\n" not in str(err.value)
+    if preprocess_section:  # the alternatives are named
+        assert "'squash'" in str(err.value) and "'center_crop'" in str(err.value)
+
+
+def test_the_download_path_is_data_folder_default():
+    """config.DOWNLOADED (data.folder's default) is where dvc.yaml's download stage writes."""
+    import yaml
+
+    from conftest import REPO
+    from ddpm.config import DOWNLOADED
+
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert pipeline["vars"][0]["paths"]["raw"] == DOWNLOADED
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["data"]["folder"] == DOWNLOADED
+    assert params_from_dict({"data": {"source": "folder", "folder": "/srv/x"}}).data.folder == \
+        "/srv/x"
+
+
+def test_the_stages_read_the_folder_where_it_is(folder, tmp_path):
+    params = write_params(tmp_path / "params.yaml", {
+        "data": {"source": "folder", "folder": str(folder)},
+        "preprocess": {"image_size": SIZE, "max_bad_fraction": 0.1}})
+    before = snapshot(folder)
+    done = run_stage("download", "--params", str(params), "--out", str(tmp_path / "raw"),
+                     cwd=tmp_path)
+    assert f"the {READABLE + 1} images in {folder}" in done.stdout
+    assert list((tmp_path / "raw").iterdir()) == []
+    done = run_stage("preprocess", "--params", str(params), "--out", str(tmp_path / "p"),
+                     cwd=tmp_path)
+    assert f"{READABLE} images" in done.stdout and "1 enlarged" in done.stdout
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["count"] == READABLE
+    assert snapshot(folder) == before
+
+
+# ------------------------------------------------------------------- with DVC
+
+
+def test_the_tiny_pipeline_trains_from_a_folder_and_dvc_sees_a_new_image(tmp_path):
+    """`dvc repro` end to end from a folder outside the project (by its absolute path), then
+    one image more: `dvc status` names the folder, `dvc repro` reruns preprocess and counts
+    it, and a --temp experiment (a copy of the project) hashes the same folder."""
+    from ddpm.data.synthetic import render_car
+
+    photos = tmp_path / "outside" / "car photos"
+    formats = ["JPEG", "PNG", "WEBP"]
+    for i in range(24):
+        car = render_car(7, "train", i + 1).image
+        fmt = formats[i % 3]
+        (photos / f"batch{i % 2}").mkdir(parents=True, exist_ok=True)
+        car.save(photos / f"batch{i % 2}" / f"car{i:02d}.{fmt.lower()}", fmt)
+    (photos / "readme.txt").write_text("my cars")
+    before = snapshot(photos)
+    overrides = tiny(
+        data={"source": "folder", "folder": str(photos)},
+        train={"epochs": 1, "batch_size": 8, "log_every": 1, "warmup_epochs": 0},
+        generate={"num_samples": 8, "sampler": "ddim", "steps": 4, "batch_size": 8,
+                  "grid_size": 4},
+        evaluate={"kid_subset_size": 4, "kid_subsets": 2, "batch_size": 24},
+        sweep={"points": []},
+    )
+    root = make_dvc_project(tmp_path / "project", overrides)
+    dvc("repro", cwd=root)
+    assert json.loads((root / "data/processed/manifest.json").read_text())["count"] == 24
+    assert (root / "models/model.pt").is_file()
+    assert np.isfinite(json.loads((root / "reports/eval.json").read_text())["fid"])
+    import yaml
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    (folder_dep,) = [d for d in lock["stages"]["preprocess"]["deps"] if d["path"] == str(photos)]
+    assert folder_dep["md5"].endswith(".dir") and folder_dep["nfiles"] == 25  # readme.txt too
+    assert snapshot(photos) == before
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddpm-cars").experiment_id])
+    (training,) = [i for i in run.inputs.dataset_inputs if i.dataset.name == "car photos"]
+    assert json.loads(training.dataset.source)["uri"] == f"folder:{photos}"
+    manifest = json.loads((root / "data/processed/manifest.json").read_text())
+    assert manifest["sha256"].startswith(training.dataset.digest)
+    version = client.get_model_version("ddpm-stanford-cars", "1")  # registered as ever
+    assert version.tags["ddpm.dataset_sha256"] == manifest["sha256"]
+
+    Image.open(photos / "batch0" / "car00.jpeg").save(photos / "batch1" / "new.png")
+    status = dvc("status", cwd=root).stdout
+    assert "preprocess:" in status and str(photos) in status and "download:" not in status
+    out = dvc("repro", "preprocess", cwd=root).stdout
+    assert "Running stage 'preprocess'" in out and "Running stage 'download'" not in out
+    assert json.loads((root / "data/processed/manifest.json").read_text())["count"] == 25
+
+    # A --temp experiment runs in a copy under .dvc/tmp/exps/ and hashes the same folder.
+    dvc("exp", "run", "--temp", "preprocess", "-S", "preprocess.max_bad_fraction=0.5", cwd=root)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=root).stdout)
+    revs = [rev for top in shown
+            for rev in [top] + [r for exp in top.get("experiments") or [] for r in exp["revs"]]]
+    hashes = [dep["hash"] for rev in revs
+              for name, dep in ((rev.get("data") or {}).get("deps") or {}).items()
+              if name.endswith("car photos") and dep.get("hash")]  # the baseline ran nothing
+    assert len(hashes) == 2 and len(set(hashes)) == 1  # workspace and experiment: one hash
+    assert len(snapshot(photos)) == len(before) + 1  # only the image added here
