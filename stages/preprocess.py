@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ddpm import stageutil  # noqa: E402
 from ddpm.data.annotations import AnnotationError, read_bboxes  # noqa: E402
-from ddpm.data.folder import FolderError, open_folder  # noqa: E402
+from ddpm.data.folder import FolderError, ignored_summary, list_images, open_folder  # noqa: E402
 from ddpm.data.preprocess import PreprocessError, preprocess  # noqa: E402
 
 
@@ -24,8 +24,8 @@ def main() -> None:
     params = stageutil.load(args)
     cfg = params.preprocess
     images = args.raw or Path(params.data.folder)
-    if params.data.source == "folder":
-        open_folder(images)  # missing, unreadable or empty: one line naming data.folder
+    # A folder of your own: missing, unreadable or empty is one line naming data.folder.
+    listing = open_folder(images) if params.data.source == "folder" else list_images(images)
 
     boxes = read_bboxes(images) if cfg.resize == "bbox_crop" else None
     with tqdm(desc="decoding", unit="img") as bar:
@@ -36,7 +36,8 @@ def main() -> None:
     stageutil.log(f"{manifest['count']} images ({manifest['per_split']}) of "
                   f"{cfg.image_size}x{cfg.image_size} in {args.out}/images.npy; "
                   f"{manifest['skipped_count']} skipped (listed in manifest.json), "
-                  f"{manifest['upscaled']} enlarged")
+                  f"{manifest['upscaled']} enlarged; not images, left alone: "
+                  f"{ignored_summary(listing)}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,11 @@ def test_every_readable_image_lands_in_the_array_and_the_folder_is_untouched(fol
     (skipped,) = manifest["skipped"]
     assert skipped["file"] == "broken.jpg" and skipped["reason"].startswith("unreadable")
     assert manifest["upscaled"] == 1  # small.png, 8x8 -> 16x16
-    assert manifest["ignored"] == {"hidden": 3, "not an image file name": 1}
+    assert list_images(folder).ignored == {"hidden": 3, "not an image file name": 1}
+
+    # A .DS_Store or a thumbnail folder that appears later changes no processed data.
+    write_folder(folder, {"more/.DS_Store": b"Bud1", ".thumbnails/x.png": b"", "more/x.txt": b""})
+    assert preprocess(folder, tmp_path / "again", cfg()) == manifest
 
     got = by_name(tmp_path / "out", folder)
     assert len(got) == READABLE
@@ -251,6 +255,7 @@ def test_the_stages_read_the_folder_where_it_is(folder, tmp_path):
     done = run_stage("preprocess", "--params", str(params), "--out", str(tmp_path / "p"),
                      cwd=tmp_path)
     assert f"{READABLE} images" in done.stdout and "1 enlarged" in done.stdout
+    assert "left alone: 3 hidden, 1 not an image file name" in done.stdout
     assert json.loads((tmp_path / "p" / "manifest.json").read_text())["count"] == READABLE
     assert snapshot(folder) == before
 

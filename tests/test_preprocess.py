@@ -84,6 +84,8 @@ def test_no_images_is_a_clear_error(tmp_path):
     with pytest.raises(FolderError, match="holds no images .*run the download stage first"):
         preprocess(tmp_path / "raw", tmp_path / "out", cfg())
     assert not (tmp_path / "out").exists()
+    with pytest.raises(FolderError, match="raw does not exist: run the download stage first"):
+        preprocess(tmp_path / "nothing" / "raw", tmp_path / "out", cfg())
 
 
 def test_bbox_crop_takes_the_annotated_car(tmp_path):

@@ -10,7 +10,9 @@ folder itself give the same images in the same order.
       a symlinked folder (its images are listed where they really are) and a broken link
       are skipped.
 
-What is skipped is counted by reason, for the manifest. Nothing here writes anything.
+What is skipped is counted by reason, for the stages' log; not for manifest.json, so that a
+.DS_Store that appears later changes no processed data and reruns nothing after preprocess.
+Nothing here writes anything.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from .formats import IMAGE_SUFFIXES, is_image_name
 
@@ -41,8 +42,11 @@ class Listing:
 
 
 def list_images(root: Path) -> Listing:
-    """The images under `root` by the rules above; FolderError if a folder can't be read."""
+    """The images under `root` by the rules above (none if `root` does not exist); FolderError
+    if a folder can't be read."""
     root = Path(root)
+    if not root.exists():
+        return Listing(root, [])
     inside = root.resolve()
     files: list[Path] = []
     ignored: Counter = Counter()
@@ -98,6 +102,8 @@ def require_images(listing: Listing, where: str, fix: str) -> Listing:
     """`listing`, or FolderError when it has fewer than MIN_IMAGES images. `where` names the
     place ("data.folder /x", "the archive y.zip"); `fix` says what to do."""
     count = len(listing.files)
+    if not listing.root.exists():
+        raise FolderError(f"{where} does not exist: {fix}")
     if count == 0:
         raise FolderError(f"{where} holds no images ({looked_for()}): {fix}")
     if count < MIN_IMAGES:
@@ -124,8 +130,6 @@ def open_folder(folder: str | Path, key: str = "data.folder") -> Listing:
                           f"add images to it or {fix}")
 
 
-def ignored_summary(listing: Listing) -> Optional[str]:
-    """'3 hidden, 1 not an image file name' or None: for the stages' log lines."""
-    if not listing.ignored:
-        return None
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(listing.ignored.items()))
+def ignored_summary(listing: Listing) -> str:
+    """'3 hidden, 1 not an image file name' (or 'none'): for the stages' log lines."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(listing.ignored.items())) or "none"

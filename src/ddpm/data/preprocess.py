@@ -204,7 +204,6 @@ def preprocess(raw_dir: Path, out_dir: Path, cfg: PreprocessConfig,
         "skipped_count": len(skipped),
         "skipped": skipped,
         "upscaled": enlarged,  # kept images whose crop was smaller than image_size
-        "ignored": dict(sorted(listing.ignored.items())),  # not images, hidden, links out
         "sha256": digest,
     }
     with atomic.atomic_directory(out_dir) as tmp:
