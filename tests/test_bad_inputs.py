@@ -40,6 +40,11 @@ def workdir(tmp_path_factory) -> Path:
     for mat in (root / "raw").rglob("cars_*_annos.mat"):
         mat.write_bytes(mat.read_bytes()[:64])
 
+    (root / "texts").mkdir()
+    (root / "texts" / "notes.txt").write_text("no pictures here")
+    (root / "one" / "sub").mkdir(parents=True)
+    (root / "one" / "sub" / "only.png").write_bytes(b"one image is not a data set")
+
     torch.save({"epoch": 3, "weights": torch.zeros(2)}, root / "foreign.pt")
     (root / "garbage.pt").write_text("not a checkpoint")
     np.save(root / "samples.npy", images)
@@ -52,6 +57,14 @@ def workdir(tmp_path_factory) -> Path:
         "cuda-n": {**base, "train": {**base["train"], "device": "cuda:0", "nproc": 2}},
         "bbox": {**base, "preprocess": {**TINY["preprocess"], "resize": "bbox_crop"}},
         "kid1": {**base, "evaluate": {"kid_subset_size": 1}},
+        # Your own images (data.source: folder): folders made below.
+        "folder-missing": {**base, "data": {"source": "folder", "folder": str(root / "gone")}},
+        "folder-texts": {**base, "data": {"source": "folder", "folder": str(root / "texts")}},
+        "folder-one": {**base, "data": {"source": "folder", "folder": str(root / "one")}},
+        "folder-relative": {**base, "data": {"source": "folder", "folder": "photos"}},
+        "folder-kaggle": {**base, "data": {"source": "kaggle", "folder": str(root / "one")}},
+        "folder-bbox": {**base, "data": {"source": "folder", "folder": str(root / "one")},
+                        "preprocess": {**TINY["preprocess"], "resize": "bbox_crop"}},
     }.items():
         write_params(root / f"{name}.yaml", overrides)
     return root
@@ -71,6 +84,14 @@ def generate(data: str, model: str = "foreign.pt") -> list[str]:
     return ["stages/generate.py", "--params", "ok.yaml", "--model", model, "--data", data,
             "--out", "out/generated", "--figures", "out/figures", "--train-run", "out/r.json",
             "--run-file", "out/g.json"]
+
+
+def download(params: str) -> list[str]:
+    return ["stages/download.py", "--params", f"{params}.yaml", "--out", "out/raw"]
+
+
+def preprocess(params: str) -> list[str]:
+    return ["stages/preprocess.py", "--params", f"{params}.yaml", "--out", "out/p"]
 
 
 def ddpm(*args: str) -> list[str]:
@@ -97,6 +118,19 @@ CASES = [
     ("preprocess: corrupt devkit with bbox_crop",
      ["stages/preprocess.py", "--params", "bbox.yaml", "--raw", "raw", "--out", "out/p"],
      "is not a readable devkit annotation file"),
+    ("download: data.folder that does not exist", download("folder-missing"), "gone, which "
+     "does not exist"),
+    ("preprocess: data.folder without images", preprocess("folder-texts"),
+     "holds no images (looked for .jpg .jpeg .png"),
+    ("download: data.folder with one image", download("folder-one"),
+     "holds only one image (sub/only.png); the pipeline needs at least 2"),
+    ("preprocess: data.folder with one image", preprocess("folder-one"), "holds only one image"),
+    ("preprocess: data.folder relative", preprocess("folder-relative"),
+     "data.folder: 'photos' is not an absolute path"),
+    ("download: data.folder with source kaggle", download("folder-kaggle"),
+     "but data.source is 'kaggle'"),
+    ("preprocess: bbox_crop of a folder", preprocess("folder-bbox"),
+     "'bbox_crop' crops to the Stanford Cars devkit's bounding boxes"),
     ("evaluate.kid_subset_size 1",
      ["stages/evaluate.py", "--params", "kid1.yaml", "--samples", "out", "--reference", "x.npz"],
      "evaluate.kid_subset_size: must be >= 2"),

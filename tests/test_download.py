@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -31,6 +32,7 @@ from ddpm.data.download import (  # noqa: E402
     fetch_kaggle,
     kaggle_credentials_present,
 )
+from ddpm.data.folder import FolderError  # noqa: E402
 from kaggle_standin import DOWNLOAD, INTROSPECT, PORT, KaggleStandIn  # noqa: E402
 
 DATASET = "eduardo4jesus/stanford-cars-dataset"
@@ -188,11 +190,30 @@ def test_fetch_archive_explains_a_missing_file_or_a_non_zip(tmp_path):
 
 
 def test_archive_without_images_is_refused(tmp_path):
+    """Hidden entries (macOS's AppleDouble ._ files) are not images either."""
     raw = populated_raw_dir(tmp_path)
-    archive = write_zip(tmp_path / "other.zip", [("readme.txt", b"hello")])
-    with pytest.raises(DownloadError, match="holds no images"):
+    archive = write_zip(tmp_path / "other.zip", [("readme.txt", b"hello"),
+                                                 ("__MACOSX/._00001.jpg", b"AppleDouble"),
+                                                 (".thumbs/00001.jpg", tiny_jpeg(9))])
+    with pytest.raises(FolderError, match=r"holds no images \(looked for .jpg .jpeg"):
         fetch_archive(archive, raw)
     assert_untouched(raw)
+
+
+def test_a_zip_that_would_fill_the_disk_is_refused_before_unpacking(tmp_path, monkeypatch):
+    """The declared sizes are checked with the other entries, before anything is written."""
+    raw = populated_raw_dir(tmp_path)
+    archive = write_zip(tmp_path / "big.zip", [(f"photos/{i}.jpg", tiny_jpeg(i)) for i in range(3)])
+    need = sum(i.file_size for i in zipfile.ZipFile(archive).infolist())
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=need - 1))
+    with pytest.raises(DownloadError, match="would unpack to .* GB free.*Nothing was unpacked"):
+        fetch_archive(archive, raw)
+    assert_untouched(raw)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    fetch_archive(archive, raw)
+    assert files_under(raw) == {"photos/0.jpg", "photos/1.jpg", "photos/2.jpg"}
 
 
 # ---------------------------------------------------------------- credentials

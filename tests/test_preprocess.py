@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import run_stage, write_params
 from ddpm.config import PreprocessConfig
+from ddpm.data.folder import FolderError
 from ddpm.data.preprocess import PreprocessError, expand_box, preprocess
 from ddpm.data.processed import load_processed
 
@@ -80,8 +81,11 @@ def test_too_many_bad_files_fail_and_keep_the_previous_output(raw, tmp_path):
 
 def test_no_images_is_a_clear_error(tmp_path):
     (tmp_path / "raw").mkdir()
-    with pytest.raises(PreprocessError, match="no images found"):
+    with pytest.raises(FolderError, match="holds no images .*run the download stage first"):
         preprocess(tmp_path / "raw", tmp_path / "out", cfg())
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FolderError, match="raw does not exist: run the download stage first"):
+        preprocess(tmp_path / "nothing" / "raw", tmp_path / "out", cfg())
 
 
 def test_bbox_crop_takes_the_annotated_car(tmp_path):
@@ -90,6 +94,7 @@ def test_bbox_crop_takes_the_annotated_car(tmp_path):
     image.paste((255, 0, 0), (120, 40, 180, 90))  # the "car": red box
     path = root / "cars_train" / "cars_train" / "00001.jpg"
     save(path, image, fmt="PNG")
+    save(root / "cars_train" / "cars_train" / "00002.jpg", image, fmt="PNG")  # two at least
     boxes = {path.resolve(): (120, 40, 180, 90)}
     manifest = preprocess(root, tmp_path / "crop", cfg(resize="bbox_crop", bbox_margin=0.0), boxes=boxes)
     cropped, _ = load_processed(tmp_path / "crop")
@@ -109,6 +114,7 @@ def test_center_crop_is_square_from_the_middle(tmp_path):
     image = Image.new("RGB", (300, 100), (0, 255, 0))
     image.paste((255, 255, 255), (100, 0, 200, 100))
     save(root / "cars_test" / "cars_test" / "00001.jpg", image, fmt="PNG")
+    save(root / "cars_test" / "cars_test" / "00002.jpg", image, fmt="PNG")  # two at least
     preprocess(root, tmp_path / "out", cfg(resize="center_crop"))
     images, _ = load_processed(tmp_path / "out")
     # Only the white middle square survives (bicubic edges blend a little green in).

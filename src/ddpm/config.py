@@ -9,6 +9,7 @@ Each component is then handed only its own section.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -60,11 +61,20 @@ def _check_steps_fit(key: str, sampler: str, steps: int, diffusion_steps: int) -
               f"evaluations, got {steps}")
 
 
+# The folder the preprocess stage reads when data.source is kaggle, archive or synthetic: the
+# download stage's output (dvc.yaml's paths.raw). data.folder is never null: dvc.yaml names it
+# as the preprocess stage's dependency, and DVC cannot parse a dependency on nothing.
+DOWNLOADED = "data/raw"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["kaggle", "archive", "synthetic"] = "kaggle"
+    source: Literal["kaggle", "archive", "synthetic", "folder"] = "kaggle"
     kaggle_dataset: str = "eduardo4jesus/stanford-cars-dataset"
-    archive: Optional[str] = None  # path to a zip downloaded by hand (source: archive)
+    archive: Optional[str] = None  # path to a zip of images (source: archive)
+    # The images the preprocess stage decodes: DOWNLOADED, or with source: folder the
+    # absolute path of a folder of your own (DVC hashes it there).
+    folder: str = DOWNLOADED
     synthetic_count: int = 2000
     seed: int = 0
 
@@ -77,6 +87,26 @@ class DataConfig:
         if self.synthetic_count < 2:
             _fail(f"{key}.synthetic_count", f"must be >= 2 (one image per split), "
                   f"got {self.synthetic_count}")
+        self._check_folder(f"{key}.folder")
+
+    def _check_folder(self, key: str) -> None:
+        downloaded = os.path.normpath(self.folder) == DOWNLOADED
+        if self.source != "folder" and not downloaded:
+            _fail(key, f"is {self.folder!r}, but data.source is {self.source!r}, whose images "
+                  f"the download stage puts in {DOWNLOADED}: set data.source: folder to train "
+                  f"on that folder, or data.folder back to {DOWNLOADED}")
+        if self.source != "folder":
+            return
+        if downloaded:
+            _fail(key, f"data.source is 'folder' but data.folder is {DOWNLOADED} (the download "
+                  f"stage's output): set data.folder to the absolute path of your images' folder")
+        if not os.path.isabs(self.folder):
+            root = os.environ.get("DVC_ROOT") or os.getcwd()
+            full = os.path.normpath(os.path.join(root, os.path.expanduser(self.folder)))
+            _fail(key, f"{self.folder!r} is not an absolute path; write it in full (here "
+                  f"{full!r}): DVC hashes the folder at the path written in params.yaml, expands "
+                  f"no '~', and runs queued and --temp experiments in a copy of the repository, "
+                  f"where a relative path leads elsewhere")
 
 
 @dataclass(frozen=True)
@@ -369,6 +399,10 @@ class Params:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def check(self) -> None:
+        if self.data.source == "folder" and self.preprocess.resize == "bbox_crop":
+            _fail("preprocess.resize", "'bbox_crop' crops to the Stanford Cars devkit's bounding "
+                  "boxes, which a folder of your own images does not have: use 'squash' (the "
+                  "whole picture, stretched to a square) or 'center_crop' (its middle square)")
         factor = self.model.downsample_factor
         if self.preprocess.image_size % factor:
             _fail("preprocess.image_size",

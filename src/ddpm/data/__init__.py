@@ -1,6 +1,7 @@
-"""The data part: from Kaggle (or a zip, or built-in synthetic cars) to one uint8 array.
+"""The data part: from Kaggle (or a zip, a folder, built-in synthetic cars) to one uint8 array.
 
-    download.py     the Kaggle archive or a zip into data/raw/, in the archive's layout
+    download.py     the Kaggle archive or any zip into data/raw/, in the archive's layout
+    folder.py       which files under a folder are the images (data/raw or your own folder)
     synthetic.py    built-in synthetic cars in the same layout (the demo, the tests)
     annotations.py  the devkit's bounding boxes
     preprocess.py   decoding every image once to N x 3 x S x S uint8 + manifest.json

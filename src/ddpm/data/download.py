@@ -1,12 +1,14 @@
-"""Fetch the raw Stanford Cars archive into `data/raw/`, from Kaggle or a local zip.
+"""Fetch the raw images into `data/raw/`: the Stanford Cars archive from Kaggle, or a zip.
 
-Whatever the source, `data/raw/` ends up with the Kaggle archive's own layout
-(`car_devkit/devkit/*.mat`, `cars_train/cars_train/*.jpg`,
-`cars_test/cars_test/*.jpg`), and it is replaced only when a download and
-unpack has fully succeeded, so a `data/raw/` that exists is always complete.
+`data/raw/` gets the archive's own layout: for the Kaggle one `car_devkit/devkit/*.mat`,
+`cars_train/cars_train/*.jpg`, `cars_test/cars_test/*.jpg`; for any other zip of images
+whatever folders it holds (the preprocess stage takes every image in it by
+`folder.list_images`' rules). It is replaced only when a download and unpack has fully
+succeeded, so a `data/raw/` that exists is always complete.
 
-Zips are unpacked by our own `extract_zip`, which refuses any entry that would
-land outside the destination (zip-slip) before writing anything.
+Zips are unpacked by our own `extract_zip`, which refuses any entry that would land
+outside the destination (zip-slip) or a zip that would not fit on the disk, before
+writing anything.
 
 The `kaggle` package (2.x) authenticates when imported and prints a page of
 help when it finds no credentials, so credentials are looked for here first,
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
 from ..atomic import atomic_directory
-from .formats import is_image_name
+from .folder import list_images, require_images
 
 Log = Optional[Callable[[str], None]]
 
@@ -97,7 +99,9 @@ def extract_zip(archive: Path, dest: Path) -> int:
 
     Every entry is checked before anything is written: an absolute path, a
     `..` component, a drive letter or a symbolic link raises DownloadError
-    naming the entry, and `dest` is then neither created nor touched. A zip
+    naming the entry, and so do entries whose declared sizes add up to more
+    than the free disk space (a zip bomb); `dest` is then neither created nor
+    touched. A zip
     whose only entry is another zip (a zip wrapped once more) is unpacked in
     its place, one level deep, so `dest` gets the inner archive's own layout.
 
@@ -118,6 +122,7 @@ def _extract(archive: Path, dest: Path, unwrap: bool) -> int:
                                     f"resolves outside {dest}")
         files = [(info, parts) for info, parts in plan if not info.is_dir()]
         nested = unwrap and len(files) == 1 and files[0][1][-1].lower().endswith(".zip")
+        _require_room(archive, sum(info.file_size for info, _ in files), dest)
 
         dest.mkdir(parents=True, exist_ok=True)
         if nested:
@@ -139,6 +144,19 @@ def _extract(archive: Path, dest: Path, unwrap: bool) -> int:
     return len(files)
 
 
+def _require_room(archive: Path, size: int, dest: Path) -> None:
+    """DownloadError unless `size` bytes fit beside `dest`. zipfile stops at each entry's
+    declared size (a larger stream fails its CRC), so the sum bounds what unpacking writes,
+    a zip bomb's included."""
+    parent = next(p for p in (dest, *dest.parents) if p.exists())
+    free = shutil.disk_usage(parent).free
+    if size > free:
+        raise DownloadError(f"{archive} would unpack to {size / 1e9:.2f} GB, but {parent} has "
+                            f"only {free / 1e9:.2f} GB free: free some space, or check that "
+                            f"the zip is the one you meant (a zip bomb declares sizes like "
+                            f"this). Nothing was unpacked")
+
+
 def _extract_nested(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> int:
     # The inner zip goes to a hidden, uniquely named file so that none of its
     # own entries can collide with it while it is being read.
@@ -154,27 +172,18 @@ def _extract_nested(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> i
         os.unlink(inner)
 
 
-def _require_images(root: Path, origin: str) -> int:
-    count = sum(1 for p in root.rglob("*") if is_image_name(p.name) and p.is_file())
-    if count == 0:
-        raise DownloadError(
-            f"{origin} holds no images; expected the Stanford Cars layout "
-            "(car_devkit/devkit/*.mat, cars_train/cars_train/*.jpg, cars_test/cars_test/*.jpg)"
-        )
-    return count
-
-
 def fetch_archive(archive: Path, raw_dir: Path, log: Log = None) -> None:
-    """Unpack a Stanford Cars zip downloaded by hand into `raw_dir`.
+    """Unpack a zip of images into `raw_dir`: the Stanford Cars zip downloaded by hand, or
+    any other (every image in it is used, as from a folder).
 
     `raw_dir` is replaced only when the whole archive unpacked; on any error
     the previous `raw_dir` (if any) is left exactly as it was.
     """
     log = log or (lambda message: None)
     archive, raw_dir = Path(archive).expanduser(), Path(raw_dir)
-    fix = ("set data.archive to the path of the zip downloaded from "
+    fix = ("set data.archive to the path of a zip of images, e.g. the one downloaded from "
            f"{KAGGLE_PAGE.format(dataset='eduardo4jesus/stanford-cars-dataset')} "
-           "(the 'Download' button), or use data.source: kaggle or data.source: synthetic")
+           "(the 'Download' button), or use data.source: kaggle, folder or synthetic")
     if not archive.exists():
         raise DownloadError(f"data.archive points to {archive}, which does not exist: {fix}")
     if not archive.is_file():
@@ -185,7 +194,7 @@ def fetch_archive(archive: Path, raw_dir: Path, log: Log = None) -> None:
     log(f"unpacking {archive} ({archive.stat().st_size / 1e6:.1f} MB) into {raw_dir}")
     with atomic_directory(raw_dir) as tmp:
         count = extract_zip(archive, tmp)
-        images = _require_images(tmp, str(archive))
+        images = len(require_images(list_images(tmp), f"the archive {archive}", fix).files)
     log(f"unpacked {count} files ({images} images) into {raw_dir}")
 
 
@@ -435,7 +444,9 @@ def fetch_kaggle(dataset: str, raw_dir: Path, log: Log = None) -> None:
             f"unpacking into {raw_dir}")
         with atomic_directory(raw_dir) as tmp:
             count = extract_zip(zips[0], tmp)
-            images = _require_images(tmp, f"the Kaggle dataset {dataset}")
+            listing = require_images(list_images(tmp), f"the Kaggle dataset {dataset}",
+                                     "check data.kaggle_dataset")
+            images = len(listing.files)
         say(f"unpacked {count} files ({images} images) into {raw_dir}")
     finally:
         shutil.rmtree(download_dir, ignore_errors=True)

@@ -378,16 +378,19 @@ def log_dataset(client: Any, run_id: str, op: dict[str, Any]) -> None:
 
 def training_dataset(data: Any, sha256: str, count: int, image_size: int) -> dict:
     """The run input of the images a run trained on (`data`: the params' data section)."""
-    name = "synthetic-cars" if data.source == "synthetic" else "stanford-cars"
+    names = {"synthetic": "synthetic-cars", "kaggle": "stanford-cars"}
+    name = names.get(data.source) or Path(training_source(data).partition(":")[2]).stem
     return dataset_op(name, training_source(data), sha256, "training",
                       {"count": count, "image_size": image_size})
 
 
 def training_source(data: Any) -> str:
-    """Where the training images came from, from the data params."""
+    """Where the training images came from, from the data params: the folder's absolute path
+    (as dvc.lock records it) or the zip's file name."""
     if data.source == "kaggle":
         return f"kaggle:{data.kaggle_dataset}"
     if data.source == "archive":
         return f"archive:{Path(data.archive or '').name}"
+    if data.source == "folder":
+        return f"folder:{data.folder}"
     return f"synthetic:seed={data.seed},count={data.synthetic_count}"
-
