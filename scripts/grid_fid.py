@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """FID of the few-step samplers on each timestep grid, for one trained model: the measurement
-behind `model.samplers.default_spacing` (docs: "Samplers and the sweep").
+behind `model.samplers.DPMPP_SPACING` (docs/samplers.md).
 
     python3 scripts/grid_fid.py MODEL.pt STATS.npz [--samples 256] [--steps 10 20 50]
         [--spacings time lambda time_no_zero lambda_no_zero]
@@ -62,7 +62,7 @@ def main() -> None:
         for spacing in args.spacings]
     print(f"{diffusion.schedule} T = {diffusion.steps}, {diffusion.prediction} model; "
           f"{args.samples} samples against {int(reference['count'])} real; default grid "
-          f"{samplers.default_spacing(schedule)}")
+          f"{samplers.DPMPP_SPACING}")
     print(f"{'sampler':>12} {'eta':>4} {'grid':>15} {'steps':>5} {'FID':>8} {'KID':>8} {'s':>6}")
     for name, eta, spacing in settings:
         for steps in args.steps:

@@ -13,6 +13,7 @@ state at t = 0; the last step is then a fixed affine map of the state at t = 0 (
 ~1), and the end-point error has the order of the solver that reached t = 0.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +84,33 @@ def test_dpmpp_2m_with_lambda_spacing_beats_ddim_at_ten_evaluations(name):
     schedule = SCHEDULES[name]
     assert end_error(sample_dpmpp_2m, schedule, 10, spacing="lambda") < \
         end_error(sample_ddim, schedule, 10) / 4
+
+
+def diffusers_default_grid(schedule, steps):
+    """DPMSolverMultistepScheduler's default timesteps (timestep_spacing "linspace", final
+    sigma zero), written out from its set_timesteps: steps + 1 points from T - 1 down to 0,
+    rounded, without the last; its last step goes from there to sigma = 0."""
+    T = schedule.T
+    return torch.from_numpy(np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+                            .copy())
+
+
+@pytest.mark.parametrize("name,T", [("linear", 512), ("cosine", 64), ("cosine", 512),
+                                    ("linear", 1000)])
+def test_the_default_grid_beats_ddim_and_is_as_accurate_as_diffusers_default(
+        name, T, monkeypatch):
+    """On the seed's schedule, the demo's and two more: DPM-Solver++(2M) on the default grid
+    ends closer to the exact ODE solution than DDIM at 10, 20 and 50 evaluations, and at
+    least as close as on diffusers' default grid (measured, linear T = 512: 0.154 / 0.024 /
+    0.0040 against DDIM's 0.31 / 0.15 / 0.061; the old default, DDIM's grid, was 0.52 /
+    0.23 / 0.042: worse than DDIM at 10 and 20)."""
+    schedule = make_schedule(DiffusionConfig(steps=T, schedule=name))
+    monkeypatch.setitem(SPACINGS, "diffusers", diffusers_default_grid)
+    for steps in (10, 20, 50):
+        ours = end_error(sample_dpmpp_2m, schedule, steps)
+        assert ours < end_error(sample_ddim, schedule, steps), (steps, ours)
+        assert ours <= end_error(sample_dpmpp_2m, schedule, steps, spacing="diffusers") * \
+            (1 + 1e-9), (steps, ours)
 
 
 def test_first_order_start_is_ddim():

@@ -94,10 +94,9 @@ def lambda_timesteps(schedule: Schedule, steps: int) -> torch.Tensor:
 def no_zero(grid):
     """A grid that does not spend one of its `steps` evaluations at t = 0: `grid` of steps + 1
     points without its last (t = 0), so the last step goes from t ~ T/steps straight to the
-    clean image (diffusers' DPMSolverMultistepScheduler does this by default: linspace
-    spacing, final sigma zero). At sigma_0 (0.01 for the seed's schedule) the model's x0
-    is the input itself: that evaluation buys next to nothing. With steps = T there is no
-    room to leave t = 0 out, and the grid is `grid`'s own."""
+    clean image. At sigma_0 (0.01 for the seed's schedule) the model's x0 is the input
+    itself: that evaluation buys next to nothing. With steps = T there is no room to leave
+    t = 0 out, and the grid is `grid`'s own."""
     def timesteps(schedule: Schedule, steps: int) -> torch.Tensor:
         if steps >= schedule.T:
             return grid(schedule, steps)
@@ -105,11 +104,21 @@ def no_zero(grid):
     return timesteps
 
 
+def linspace_timesteps(schedule: Schedule, steps: int) -> torch.Tensor:
+    """`steps` points evenly spaced in t, rounded, counted up from 0 to T-1 (diffusers'
+    "linspace" timestep spacing; DDIM's grid counts down from T-1, which rounds a tie such
+    as 255.5 the other way), descending."""
+    picked = np.linspace(0, schedule.T - 1, steps).round().astype(np.int64)
+    return torch.from_numpy(np.unique(picked)[::-1].copy())
+
+
 # Timestep grids of the DPM-Solver++ samplers, by name: "time" is DDIM's (even in t),
-# "lambda" even in log-SNR; "_no_zero" leaves out the evaluation at t = 0 (`no_zero`).
+# "lambda" even in log-SNR; "_no_zero" leaves out the evaluation at t = 0 (`no_zero`):
+# "time_no_zero" is diffusers' DPMSolverMultistepScheduler's default (linspace spacing,
+# final sigma zero).
 SPACINGS = {"time": lambda schedule, steps: ddim_timesteps(schedule.T, steps),
-            "lambda": lambda_timesteps}
-SPACINGS.update({f"{name}_no_zero": no_zero(grid) for name, grid in list(SPACINGS.items())})
+            "lambda": lambda_timesteps, "time_no_zero": no_zero(linspace_timesteps),
+            "lambda_no_zero": no_zero(lambda_timesteps)}
 
 
 @torch.no_grad()
@@ -160,26 +169,25 @@ def sample_ddim(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise:
     return x
 
 
-# The DPM-Solver++ samplers' default grid: DDIM's (even in t), which measured better on a
-# trained model. On the demo's model (32 x 32 synthetic cars, T = 64 cosine, 68 epochs;
-# 256 samples against its 600 real images, 2026-12-02, scripts/spacing_fid.py) FID was
-# dpmpp_2m 186.5 / 188.1 at 10 / 20 evaluations with "time" against 198.0 / 194.4 with
-# "lambda", and dpmpp_2m_sde 145.1 / 131.7 against 166.7 / 133.0. On the Gaussian toy of
-# tests/test_dpm_solver.py "lambda" ends far closer to the exact ODE solution (7-22x,
-# linear schedule): a Gaussian is not images, and FID decides.
-DPMPP_SPACING = "time"
-
-
-def default_spacing(schedule: Schedule) -> str:
-    """The DPM-Solver++ samplers' grid when none is asked for."""
-    return DPMPP_SPACING
+# The DPM-Solver++ samplers' grid: diffusers' default, evenly spaced in t without an
+# evaluation at t = 0 (`no_zero`). It won by FID on trained models of both schedules
+# (256 samples against the 600 real images of the demo's data, 2026-12-04,
+# scripts/grid_fid.py; docs/samplers.md has the table): on the seed's linear T = 512,
+# dpmpp_2m 108.4 / 101.3 / 104.1 at 10 / 20 / 50 evaluations against 113.9 / 109.7 /
+# 111.4 on "time" (DDIM's grid, the old default) and 111.1 / 110.3 / 111.7 on "lambda";
+# dpmpp_2m_sde 91.7 / 86.7 / 86.3 against 146.7 / 113.0 / 98.3 and 90.0 / 90.1 / 88.8.
+# On the closed-form Gaussian of tests/test_dpm_solver.py it beats DDIM at 10, 20 and 50
+# evaluations on both schedules (that test holds the rule); "lambda" ends closer still on
+# the linear schedule, but farther than this grid on the cosine one at 20 and 50.
+DPMPP_SPACING = "time_no_zero"
 
 
 def _dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: ImageNoise,
               steps: Optional[int], eta: float, clip: bool, callback: Optional[StepCallback],
-              spacing: Optional[str]) -> torch.Tensor:
+              spacing: str) -> torch.Tensor:
     """DPM-Solver++(2M) in data prediction (Lu et al. 2022, Algorithm 2) for eta = 0, and
-    its SDE form for eta > 0, over timesteps t_0 = T-1 > ... > t_{n-1} = 0, then t_n = -1.
+    its SDE form for eta > 0, over the grid's timesteps t_0 = T-1 > ... > t_{n-1} (0, or
+    about T/n on a `_no_zero` grid), then t_n = -1.
 
     With m_i = x_theta(x_i, t_i) = (x_i - sigma_i eps(x_i, t_i)) / alpha_i (clamped to
     [-1, 1] if `clip`), h_i = lambda_{t_{i+1}} - lambda_{t_i}, r_i = h_{i-1} / h_i and
@@ -197,7 +205,7 @@ def _dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: I
     D_i is Algorithm 2's combination for every eta; integrating the line through
     m_{i-1}, m_i exactly instead differs by O(h^3) per step, the truncation's order.
 
-    The last step, from t = 0 to t = -1 (alpha_bar = 1, sigma = 0, as DDIM's last step),
+    The last step, from t_{n-1} to t = -1 (alpha_bar = 1, sigma = 0, as DDIM's last step),
     has h = inf and r = 0: it is first order and returns m, the predicted clean image,
     with no noise (diffusers' `lower_order_final` with a zero final sigma).
     """
@@ -205,7 +213,6 @@ def _dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: I
     steps = T if steps is None else steps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be 1 .. {T} (the training steps), got {steps}")
-    spacing = default_spacing(schedule) if spacing is None else spacing
     try:
         timesteps = SPACINGS[spacing](schedule, steps).tolist()
     except KeyError:
@@ -246,7 +253,7 @@ def _dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: I
 def sample_dpmpp_2m(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor, noise: ImageNoise,
                     steps: Optional[int] = None, eta: float = 0.0, clip: bool = True,
                     variance: str = "posterior", callback: Optional[StepCallback] = None,
-                    spacing: Optional[str] = None) -> torch.Tensor:
+                    spacing: str = DPMPP_SPACING) -> torch.Tensor:
     """DPM-Solver++(2M): the probability-flow ODE in `steps` model evaluations (default
     T), deterministic given x_T; the math is `_dpmpp_2m`'s. It adds no noise, so eta
     must be 0 and variance the default; `clip` clamps each predicted x0 to [-1, 1]."""
@@ -263,7 +270,7 @@ def sample_dpmpp_2m_sde(denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor
                         noise: ImageNoise, steps: Optional[int] = None, eta: float = 1.0,
                         clip: bool = True, variance: str = "posterior",
                         callback: Optional[StepCallback] = None,
-                        spacing: Optional[str] = None) -> torch.Tensor:
+                        spacing: str = DPMPP_SPACING) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, section 5): the reverse SDE in `steps` model
     evaluations (default T), one draw from `noise` per step but the last; the math is
     `_dpmpp_2m`'s. eta scales the Langevin part: 1 is the paper's SDE, more adds more,
