@@ -86,8 +86,12 @@ def make_dvc_project(dest: Path, overrides: dict) -> Path:
     return dest
 
 
-def dvc(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def dvc(*args: str, cwd: Path, check: bool = True, timeout: float = 600,
+        threads: int | None = None) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `cwd`; `threads` sets OMP_NUM_THREADS for what it starts (queue workers)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
     if check and done.returncode:

@@ -411,7 +411,9 @@ def queue_and_wait(root: Path, *experiments: list[str], jobs: int = 1) -> None:
     """`dvc exp run --queue` each experiment's arguments, `dvc queue start -j jobs`, wait."""
     for args in experiments:
         dvc("exp", "run", "--queue", *args, cwd=root)
-    dvc("queue", "start", "-j", str(jobs), cwd=root)
+    # One thread per job, as docs/experiments.md advises: jobs of as many threads as the
+    # machine has cores oversubscribe it.
+    dvc("queue", "start", "-j", str(jobs), cwd=root, threads=1 if jobs > 1 else None)
     deadline = time.time() + 600
     while time.time() < deadline:
         status = dvc("queue", "status", cwd=root).stdout
@@ -468,16 +470,18 @@ QUICK = {**TINY_PIPELINE,
                       "batch_size": 8}}
 
 
-def test_three_queued_experiments_at_once_on_a_fresh_clone(tmp_path: Path) -> None:
+def test_queued_experiments_at_once_on_a_fresh_clone(tmp_path: Path) -> None:
     root = make_dvc_project(tmp_path / "fresh", QUICK)
-    # The data, as a clone's `dvc pull` would bring it, so that the three trainings start
-    # (and open the new store) together. No stage before train talks to MLflow.
+    # The data, as a clone's `dvc pull` would bring it, so that the two trainings start
+    # (and open the new store) together. No stage before train talks to MLflow. (Two, not
+    # three: the race on the new store is test_processes_opening_a_new_store_at_once's,
+    # made deterministic there; here the whole queue must land in one store.)
     dvc("repro", "reference", cwd=root)
     git_commit(root, "data")
     assert not (root / "mlflow.db").exists()
-    seeds = (1, 2, 3)
+    seeds = (1, 2)
     queue_and_wait(root, *[["-n", f"seed-{s}", "-S", f"train.seed={s}", "evaluate"]
-                           for s in seeds], jobs=3)
+                           for s in seeds], jobs=2)
 
     client, by_name = pipeline_runs(f"sqlite:///{root / 'mlflow.db'}")
     assert set(by_name) == {f"seed-{s}" for s in seeds}
@@ -486,10 +490,10 @@ def test_three_queued_experiments_at_once_on_a_fresh_clone(tmp_path: Path) -> No
         assert_complete(client, run)
         assert run.data.params["train.seed"] == str(seed)
         assert run.data.tags.get("dvc.baseline_rev")
-    # Scored alike while they evaluated at once: the champion is the lowest FID of the three.
+    # Scored alike while they evaluated at once: the champion is the lower FID of the two.
     fids = {version.version: run.data.metrics["evaluate/fid"] for run in by_name.values()
             for version in client.search_model_versions(f"run_id = '{run.info.run_id}'")}
-    assert len(fids) == 3
+    assert len(fids) == 2
     assert str(client.get_registered_model("ddpm-stanford-cars").aliases["champion"]) == \
         str(min(fids, key=fids.get))
     assert not list((root / tracking.SPOOL_DIR).glob("*.jsonl"))

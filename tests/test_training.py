@@ -106,7 +106,7 @@ def stage_args(workdir, data):
 
 
 def test_resume_after_sigkill_ends_with_identical_weights(tmp_path):
-    data = processed(tmp_path)
+    data = processed(tmp_path, n=96)  # 12 steps an epoch: a kill lands between checkpoints
     overrides = {**TINY, "train": {"epochs": 5, "batch_size": 8, "device": "cpu", "log_every": 8,
                                    "strip_every": 2, "warmup_epochs": 1, "compile": "off"}}
     params = write_params(tmp_path / "params.yaml", overrides)
