@@ -26,8 +26,10 @@ import yaml
 
 from ..config import apply_override, params_from_dict
 
-# Sized for a 2-core CPU: the whole pipeline in under 8 minutes, with FID against its
-# 600 real images (docs/demo.md has the figures and the settings tried).
+# Sized for a 2-core CPU: the whole pipeline in 7 to 8.5 minutes on a recent one (how fast
+# varies by day), with FID against its 600 real images (docs/demo.md has the figures and the
+# settings tried). The objective is the seed's: v, x0 and min-SNR scored worse on this budget
+# (docs/training.md, scripts/objectives.py).
 # Widths (32, 64, 64) for 56 epochs of batch 16 (2,072 steps) scored better in the time
 # than (16, 32, 64) for 68 or 120 epochs and than (48, 96, 96); a cosine schedule reaches
 # pure noise at T = 64 (the seed's linear betas would leave 28 % of the signal at T = 256).

@@ -44,6 +44,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -178,11 +179,17 @@ def _logged_model(mlflow: Any, client: Any, run: Any, op: dict[str, Any], record
             shutil.copytree(PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__"))
             weights = Path(tmp, checkpoint.name)
             size = ema_only(checkpoint, weights)
-            Model.log(None, mlflow.pyfunc, name=op["name"], run_id=run_id,
-                      model_id=model.model_id, step=op["step"], python_model=str(MODEL_CODE),
-                      artifacts={"checkpoint": str(weights), "sampling": str(sampling)},
-                      code_paths=[str(code)], pip_requirements=pip_requirements(),
-                      signature=signature(size))
+            with warnings.catch_warnings():
+                # No input example: MLflow would load the model and sample from it to check
+                # the example while training logs. The signature is given, so its warning
+                # that an example "ensures the signature functions" is noise here.
+                warnings.filterwarnings("ignore", message=".*input example was not provided")
+                Model.log(None, mlflow.pyfunc, name=op["name"], run_id=run_id,
+                          model_id=model.model_id, step=op["step"],
+                          python_model=str(MODEL_CODE),
+                          artifacts={"checkpoint": str(weights), "sampling": str(sampling)},
+                          code_paths=[str(code)], pip_requirements=pip_requirements(),
+                          signature=signature(size))
     except BaseException:
         with contextlib.suppress(Exception):
             client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
