@@ -4,8 +4,9 @@
             variance="posterior", callback=None) -> x0
 
 `denoise(x_t, t) -> eps` is the model (EMA weights, autocast, compiled: the
-caller decides), through `eps_denoiser` when it predicts v or x0. `noise` gives each image its own random stream, so an image
-depends only on (seed, its index), never on batch size or device count.
+caller decides), through `eps_denoiser` when it predicts v or x0. `noise` gives
+each image its own random stream, so an image depends only on (seed, its
+index), never on batch size or device count.
 `callback(i, t, x)` is called after each of the sampler's steps (previews,
 strips, progress).
 """

@@ -35,6 +35,7 @@ from ..model.diffusion import (loss_per_image, loss_weights, make_schedule, q_sa
                                x0_error_scale)
 from .fastpath import autocast_for, maybe_compile, use_channels_last
 from ..model.pixels import to_model
+from ..model.samplers import image_seed
 from ..model.unet import UNet
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: compiles, lazy allocations, cuDNN choices
@@ -121,8 +122,8 @@ class TrainState:
             # A CUDA generator's state (Philox: seed and offset, 16 bytes) means nothing to a
             # CPU one (Mersenne Twister, 5,056 bytes) and the reverse: the draws go on from a
             # stream of this device seeded by (the run's noise seed, the step).
-            self.noise_gen.manual_seed(resumed_noise_seed(self.noise_gen.initial_seed(),
-                                                          self.step))
+            # (image_seed's derivation, with the step where it takes the image's index.)
+            self.noise_gen.manual_seed(image_seed(self.noise_gen.initial_seed(), self.step))
         if "cuda" in state["rng"] and self.noise_gen.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.noise_gen.device)
 
@@ -134,14 +135,6 @@ def noise_device(state: dict[str, Any]) -> str:
     if "noise_device" in rng:
         return rng["noise_device"]
     return "cuda" if rng["noise"].numel() == 16 else "cpu"
-
-
-def resumed_noise_seed(seed: int, step: int) -> int:
-    """The noise generator's seed when a checkpoint resumes on another kind of device."""
-    import numpy as np
-
-    state = np.random.SeedSequence([seed, step]).generate_state(2, np.uint32)
-    return int(state.view(np.uint64)[0] >> 1)
 
 
 ADAM_FLAGS = ("fused", "capturable", "foreach")  # which implementation of Adam runs
