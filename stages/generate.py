@@ -15,6 +15,7 @@ from ddpm.evaluate import model_file  # noqa: E402
 from ddpm.evaluate.model_file import CheckpointError  # noqa: E402
 from ddpm.config import ConfigError, flatten  # noqa: E402
 from ddpm.model.diffusion import make_schedule  # noqa: E402
+from ddpm.model.samplers import model_evaluations  # noqa: E402
 from ddpm.train.fastpath import denoiser  # noqa: E402
 from ddpm.evaluate.generate import generate_samples, write_figures  # noqa: E402
 from ddpm.data.processed import ProcessedDataError, load_processed  # noqa: E402
@@ -52,7 +53,7 @@ def main() -> None:
                           f"most that many model evaluations, got {cfg.steps}")
     schedule = make_schedule(diffusion_cfg).to(device)
     denoise = denoiser(model, device, diffusion=diffusion_cfg)
-    steps = diffusion_cfg.steps if cfg.sampler == "ddpm" else cfg.steps
+    steps = model_evaluations(cfg.sampler, cfg.steps, diffusion_cfg.steps)
     stageutil.log(f"sampling {cfg.num_samples} images with {cfg.sampler} ({steps} steps, "
                   f"{cfg.weights} weights) on {device}")
 

@@ -296,8 +296,13 @@ def get_sampler(name: str):
         raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}") from None
 
 
+def model_evaluations(name: str, steps: int, T: int) -> int:  # noqa: N803 - the paper's T
+    """Model calls per image: ddpm takes all T steps, the others `steps`."""
+    return T if name == "ddpm" else steps
+
+
 def sampler_steps(name: str, schedule: Schedule, steps: Optional[int]) -> int:
-    return schedule.T if name == "ddpm" else min(steps or schedule.T, schedule.T)
+    return model_evaluations(name, min(steps or schedule.T, schedule.T), schedule.T)
 
 
 def sample_with_frames(sampler_name: str, denoise: Denoiser, schedule: Schedule, x_T: torch.Tensor,

@@ -179,7 +179,8 @@ def duration(seconds: float) -> str:
 
 
 def model_evaluations(sampler: str, steps: int, diffusion_steps: int) -> int:
-    """Model calls per image: ddpm takes all T steps, the others `steps`."""
+    """Model calls per image: ddpm takes all T steps, the others `steps` (samplers'
+    rule, written again so that the demo's estimate imports no torch)."""
     return diffusion_steps if sampler == "ddpm" else steps
 
 

@@ -105,6 +105,7 @@ def _checked(asked: dict[str, Any], defaults: dict[str, Any], diffusion_steps: i
     (one line) for what the sampler cannot honour or work above the model's bound."""
     from ddpm.config import ConfigError
     from ddpm.evaluate.generate import request_config
+    from ddpm.model.samplers import model_evaluations
     from ddpm.tracking.models import MAX_WORK, REQUEST_TYPES  # MAX_WORK: models logged before
 
     given = {key: defaults[key] for key in REQUEST_TYPES if key in defaults}
@@ -120,7 +121,7 @@ def _checked(asked: dict[str, Any], defaults: dict[str, Any], diffusion_steps: i
                              **request)
     except ConfigError as err:
         raise BadRequest(str(err)) from None
-    evaluations = diffusion_steps if cfg.sampler == "ddpm" else cfg.steps
+    evaluations = model_evaluations(cfg.sampler, cfg.steps, diffusion_steps)
     bound = int(defaults.get("max_work", MAX_WORK))
     if cfg.num_samples * evaluations > bound:
         what = f"all {evaluations} steps of ddpm" if cfg.sampler == "ddpm" else \

@@ -37,6 +37,7 @@ from .callbacks import (Checkpointer, EpochLog, LossCsv, Progress, Strips, Track
 from ..config import ConfigError, Params, flatten
 from ..device import check_processes, resolve_device
 from ..model.diffusion import make_schedule
+from ..model.samplers import model_evaluations
 from .fastpath import denoiser, strip_denoiser
 from ..data.processed import load_processed
 from ..tracking import (MAX_WORK, ParamConflictError, Tracker, run_tags, select,
@@ -415,11 +416,11 @@ def log_to_mlflow(tracker: Tracker, params: Params, paths: TrainPaths, state: An
     # FID's sampler (train.fid_*, which default to the generate stage's). It refuses a
     # request above max_work model evaluations (samples x steps; ddpm: all T): MAX_WORK,
     # or the default request's if that is more.
-    evaluations = params.diffusion.steps if cfg.fid_sampler == "ddpm" else cfg.fid_steps
+    evaluations = model_evaluations(cfg.fid_sampler, cfg.fid_steps, params.diffusion.steps)
     sampling = {"num_samples": 16, "seed": 0, "sampler": cfg.fid_sampler,
                 "steps": cfg.fid_steps, "eta": cfg.fid_eta, "clip": True,
-                "batch_size": 256, "max_samples": 256,
-                "max_work": max(MAX_WORK, 16 * evaluations), "device": "auto"}
+                "batch_size": 256, "max_samples": 256, "device": "auto"}
+    sampling["max_work"] = max(MAX_WORK, sampling["num_samples"] * evaluations)
     tracker.log_model("final", paths.model, state.step, sampling,
                       register=params.mlflow.registered_model,
                       version_tags={"dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
