@@ -32,7 +32,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, env=env)
+    """Run `cmd`; a failure ends the script with one line (the command's own output above)."""
+    if subprocess.run(cmd, cwd=cwd, env=env).returncode:
+        sys.exit(f"objectives: {' '.join(cmd[:4])} ... failed in {cwd} (its output is above)")
 
 
 def run(out: Path, predictions: list[str], weightings: list[str], jobs: int,
@@ -77,6 +79,8 @@ def run(out: Path, predictions: list[str], weightings: list[str], jobs: int,
 def table(out: Path) -> None:
     import mlflow
 
+    if not (out / "mlflow.db").is_file():
+        sys.exit(f"objectives: no {out / 'mlflow.db'}; run `objectives.py run {out}` first")
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddpm-cars")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
